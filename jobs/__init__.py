@@ -1,0 +1,4 @@
+"""The driver side of bulkscore: read inputs, plan shards, schedule them on Ray, gather results.
+
+Nothing here imports torch or transformers; the model lives in the `workers` actors.
+"""

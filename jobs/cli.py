@@ -1,0 +1,155 @@
+"""bulkscore's command line. Options become a JobSpec; the work lives in jobs.run."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import click
+
+from jobs.errors import JobError
+from jobs.gather import summary_path
+from jobs.questions import Columns, bundled_questions, load_questions
+from jobs.run import RunOptions, run_job
+from jobs.settings import JobSpec, check_remote_code, resolve_model
+from jobs.shards import DEFAULT_SHARD_SIZE
+from workers.contract import (
+    DEFAULT_ANSWER_REGEX,
+    GenerationSettings,
+    GradingSettings,
+    ModelSpec,
+    PromptSettings,
+    ScoringSettings,
+)
+from workers.prompts import PROMPT_FORMATS
+
+
+class BatchSize(click.ParamType):
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == "auto":
+            return None if value == "auto" else value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not 'auto' or a whole number", param, ctx)
+        if number < 1:
+            self.fail("must be at least 1", param, ctx)
+        return number
+
+
+@click.group()
+@click.version_option(package_name="bulkscore")
+def cli() -> None:
+    """Score a language model on a large question set, in batches, on Ray."""
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("answers.parquet"), show_default=True, help="Output Parquet file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output or the checkpoints of another job.")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N rows.")
+@click.option("--keep-parts", is_flag=True, help="Keep OUTPUT.parts/ (the per-shard checkpoints) after merging.")
+@click.option("--question-column", help="Column with the question [default: first of question, prompt, input].")
+@click.option("--answer-column", help="Column with the reference answer [default: first of answer, reference, target, correct_answer].")
+@click.option("--id-column", help="Column with the row id [default: id, else the row's 0-based index].")
+@click.option("--model", "model_name", help="Hub id, model folder or .gguf file [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own code to run.")
+@click.option("--prompt-format", type=click.Choice(PROMPT_FORMATS), default="chat", show_default=True, help="raw: the question as is; chat: the tokenizer's chat template.")
+@click.option("--system", help="System message for the chat format.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--min-new-tokens", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True, help="Completions per question (needs --temperature > 0).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop generating at this text (repeatable).")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True, help="Relative tolerance for numeric answers.")
+@click.option("--answer-regex", default=DEFAULT_ANSWER_REGEX, show_default=True, help="Extracts the answer from the completion (its first group).")
+@click.option("--address", help="Ray address [default: $RAY_ADDRESS, else a private local instance].")
+@click.option("--workers", type=click.IntRange(min=1), help="Actors [default: one per GPU, else CPUs / --cpus-per-worker].")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), help="CPUs per actor, also its torch threads [default: min(4, CPUs); 1 with a GPU].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per actor, fractions allowed [default: 1 if the cluster has GPUs].")
+@click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True, help="Rows per shard (the unit of checkpointing and scheduling).")
+@click.option("--batch-size", type=BatchSize(), default="auto", show_default=True, help="Rows per generation batch; auto fits a token budget.")
+@click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary still prints.")
+def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_column, id_column,
+        model_name, dtype, device, trust_remote_code, prompt_format, system, max_new_tokens,
+        min_new_tokens, temperature, top_p, num_samples, seed, stop, tolerance, answer_regex,
+        address, workers, cpus_per_worker, gpus_per_worker, shard_size, batch_size, quiet):
+    """Score INPUTS (JSONL, JSON or Parquet; none: the bundled unit-conversion set).
+
+    Writes one row per input row and sample to OUTPUT, and OUTPUT's .summary.json beside it.
+    Running the same command again resumes from the finished shards.
+
+    Example: bulkscore run questions.jsonl -o answers.parquet --max-new-tokens 32
+    """
+    started = time.perf_counter()
+    say = (lambda text: None) if quiet else (lambda text: click.echo(text, err=True))
+    check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples, answer_regex, stop)
+    try:
+        source, kind = resolve_model(model_name)
+        check_remote_code(source, kind, trust_remote_code)
+        spec = JobSpec(
+            inputs=tuple(str(p) for p in inputs) or ("(bundled unit conversions)",),
+            output=output,
+            model=ModelSpec(source, kind, dtype, device, trust_remote_code),
+            scoring=ScoringSettings(
+                PromptSettings(prompt_format, system),
+                GenerationSettings(max_new_tokens, min_new_tokens, temperature, top_p, num_samples,
+                                   seed, tuple(stop), batch_size),
+                GradingSettings(tolerance, answer_regex),
+            ),
+            shard_size=shard_size,
+            limit=limit,
+        )
+        columns = Columns(question_column, answer_column, id_column)
+        questions = load_questions(list(inputs) or [bundled_questions()], columns, limit)
+        say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
+        options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet)
+        report = run_job(spec, questions, options, say)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+    if report.already_finished:
+        click.echo(f"{output} already holds this job's results (use --overwrite to score again).")
+    click.echo(summary_table(report.summary))
+    click.echo(f"Wrote {output} and {summary_path(output)}")
+
+
+def check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples, answer_regex, stop):
+    """Refuse impossible combinations before any work (exit 2)."""
+    if output.is_dir():
+        raise click.BadParameter(f"{output} is a folder; give a file path such as {output / 'answers.parquet'}", param_hint="--output")
+    if min_new_tokens > max_new_tokens:
+        raise click.BadParameter(f"{min_new_tokens} is more than --max-new-tokens {max_new_tokens}", param_hint="--min-new-tokens")
+    if num_samples > 1 and temperature == 0:
+        raise click.BadParameter("greedy decoding gives the same completion every time; add --temperature > 0", param_hint="--num-samples")
+    try:
+        re.compile(answer_regex)
+    except re.error as error:
+        raise click.BadParameter(f"not a valid regular expression: {error}", param_hint="--answer-regex") from None
+    if any(s == "" for s in stop):
+        raise click.BadParameter("a stop string cannot be empty", param_hint="--stop")
+
+
+def summary_table(summary: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def num(x, digits=3):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    lines = [
+        ("rows", f"{summary['rows']:,} ({summary['samples']:,} samples, {summary['errors']:,} errors)"),
+        ("answered", f"{summary['answered']:,} ({pct(summary['answer_rate'])})"),
+        ("correct", f"{summary['correct']:,} (accuracy {pct(summary['accuracy'])})"),
+        ("mean loss", f"{num(summary['mean_loss'])} (completion {num(summary['mean_completion_loss'])}, reference {num(summary['mean_reference_loss'])})"),
+        ("tokens", f"{summary['prompt_tokens']:,} prompt, {summary['completion_tokens']:,} completion"),
+        ("elapsed", f"{summary['elapsed_s']:.1f} s ({num(summary['rows_per_s'], 2)} rows/s, {num(summary['tokens_per_s'], 1)} tokens/s)"),
+        ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
+    ]
+    return "\n".join(f"{k:<10} {v}" for k, v in lines)

@@ -1,0 +1,77 @@
+"""Ray: join a cluster or start a private local instance, and size the worker pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from jobs.errors import JobError
+
+DEFAULT_CPUS_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+
+def is_private(address: str | None) -> bool:
+    return address in (None, "", "local")
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block; a private instance listens on 127.0.0.1 with no dashboard.
+
+    If this process is already connected (a notebook, a test), that connection is used and kept.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if is_private(address):
+        # Read by Ray at import: bind every process of the private instance to loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        if is_private(address):
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise JobError(f"cannot start or join Ray at {address or 'a private local instance'}: {error}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def plan_pool(
+    workers: int | None, cpus_per_worker: float | None, gpus_per_worker: float | None, shards: int
+) -> PoolPlan:
+    """How many actors, and what each asks of Ray: one per GPU when there are GPUs, else by CPUs."""
+    import ray
+
+    resources = ray.cluster_resources()
+    total_cpus = resources.get("CPU", 1.0)
+    total_gpus = resources.get("GPU", 0.0)
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
+    cpus = cpus_per_worker if cpus_per_worker is not None else (
+        1.0 if gpus else float(min(DEFAULT_CPUS_PER_WORKER, total_cpus))
+    )
+    if workers is None:
+        workers = int(total_gpus // gpus) if gpus else int(total_cpus // cpus)
+    workers = max(1, min(workers, shards))
+    if workers * cpus > total_cpus or workers * gpus > total_gpus:
+        raise JobError(
+            f"{workers} workers x ({cpus:g} CPU, {gpus:g} GPU) do not fit the cluster's "
+            f"{total_cpus:g} CPU and {total_gpus:g} GPU; lower --workers, --cpus-per-worker or --gpus-per-worker"
+        )
+    return PoolPlan(workers, cpus, gpus)

@@ -1,0 +1,204 @@
+"""Read question sets (JSONL, JSON, Parquet) into one table {id, question, reference}.
+
+JSON may be an array of objects or the homework's array of `[question, answer(, reasoning)]`.
+Several inputs are concatenated in the order given; ids come from the id column, or are the rows'
+0-based positions in the concatenated input.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.errors import InputError
+
+QUESTION_COLUMNS = ("question", "prompt", "input")
+ANSWER_COLUMNS = ("answer", "reference", "target", "correct_answer")
+ID_COLUMN = "id"
+ARRAY_COLUMNS = ("question", "answer", "reasoning")  # homework-style JSON rows
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names asked for on the command line; None means detect."""
+
+    question: str | None = None
+    answer: str | None = None
+    id: str | None = None
+
+
+def bundled_questions() -> Path:
+    return Path(__file__).parent / "data" / "unit_conversions.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(
+                    f"{path}, line {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append(row)
+    return rows
+
+
+def read_json(path: Path) -> list[dict]:
+    with open_text(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(data, list):
+        raise InputError(
+            f"{path}: expected a JSON array of objects or of [question, answer] arrays, "
+            f"got {type(data).__name__}"
+        )
+    rows = []
+    for number, item in enumerate(data):
+        if isinstance(item, dict):
+            rows.append(item)
+        elif isinstance(item, list) and 1 <= len(item) <= len(ARRAY_COLUMNS):
+            rows.append(dict(zip(ARRAY_COLUMNS, item)))
+        else:
+            raise InputError(
+                f"{path}, item {number}: expected an object or a [question, answer(, reasoning)] "
+                f"array, got {json.dumps(item)[:80]}"
+            )
+    return rows
+
+
+def open_text(path: Path):
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: not a readable Parquet file or folder ({error})") from None
+
+
+def read_file(path: Path) -> pa.Table | list[dict]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in (".parquet", ".pq"):
+        return read_parquet(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path)
+    if suffix == ".json":
+        return read_json(path)
+    raise InputError(f"{path}: unsupported format {suffix or '(no suffix)'}; use .jsonl, .json or .parquet")
+
+
+def column_names(data: pa.Table | list[dict]) -> list[str]:
+    if isinstance(data, pa.Table):
+        return data.column_names
+    names: dict[str, None] = {}
+    for row in data:
+        names.update(dict.fromkeys(row))
+    return list(names)
+
+
+def column_values(data: pa.Table | list[dict], name: str) -> list:
+    if isinstance(data, pa.Table):
+        return data.column(name).to_pylist()
+    return [row.get(name) for row in data]
+
+
+def pick_column(path: Path, names: list[str], asked: str | None, candidates: Sequence[str], what: str, option: str) -> str | None:
+    if asked is not None:
+        if asked not in names:
+            raise InputError(f"{path}: no column {asked!r} (asked for by {option}); columns: {', '.join(names)}")
+        return asked
+    found = next((c for c in candidates if c in names), None)
+    if found is None and what == "question":
+        raise InputError(
+            f"{path}: no question column (looked for {', '.join(candidates)}); columns: "
+            f"{', '.join(names)}. Name it with {option}."
+        )
+    return found
+
+
+def as_text(value: object) -> str | None:
+    """A question or reference as text: numbers as their text (6000 -> "6000", 0.5 -> "0.5")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
+
+
+def load_file(path: Path, columns: Columns) -> dict[str, list]:
+    data = read_file(path)
+    names = column_names(data)
+    if not names:
+        raise InputError(f"{path}: no rows")
+    question = pick_column(path, names, columns.question, QUESTION_COLUMNS, "question", "--question-column")
+    answer = pick_column(path, names, columns.answer, ANSWER_COLUMNS, "answer", "--answer-column")
+    id_name = pick_column(path, names, columns.id, (ID_COLUMN,), "id", "--id-column")
+    n = len(data) if isinstance(data, list) else data.num_rows
+    return {
+        "id": column_values(data, id_name) if id_name else None,
+        "question": [as_text(v) for v in column_values(data, question)],
+        "reference": [as_text(v) for v in column_values(data, answer)] if answer else [None] * n,
+    }
+
+
+def load_questions(paths: Sequence[Path], columns: Columns = Columns(), limit: int | None = None) -> pa.Table:
+    """One table {id, question, reference} of every input row, in the order given."""
+    parts = [load_file(Path(p), columns) for p in paths]
+    total = sum(len(p["question"]) for p in parts)
+    if total == 0:
+        raise InputError(f"{', '.join(map(str, paths))}: no rows")
+    if any(p["id"] is not None for p in parts) and not all(p["id"] is not None for p in parts):
+        raise InputError("some inputs have an id column and some do not; give all of them ids or none")
+    if parts[0]["id"] is None:
+        ids = list(range(total))
+    else:
+        ids = [v for p in parts for v in p["id"]]
+    table = pa.table(
+        {
+            "id": id_array(ids, paths),
+            "question": pa.array([q for p in parts for q in p["question"]], pa.string()),
+            "reference": pa.array([r for p in parts for r in p["reference"]], pa.string()),
+        }
+    )
+    return table.slice(0, limit) if limit is not None else table
+
+
+def id_array(ids: list, paths: Sequence[Path]) -> pa.Array:
+    if any(v is None for v in ids):
+        raise InputError(f"{', '.join(map(str, paths))}: the id column has empty values")
+    try:
+        array = pa.array(ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise InputError(f"{', '.join(map(str, paths))}: the id column mixes types; ids must be all numbers or all text") from None
+    if pa.types.is_integer(array.type):
+        array = array.cast(pa.int64())
+    if len(set(ids)) != len(ids):
+        seen, dup = set(), None
+        for v in ids:
+            if v in seen:
+                dup = v
+                break
+            seen.add(v)
+        raise InputError(f"{', '.join(map(str, paths))}: duplicate id {dup!r}; ids must be unique (or drop the id column)")
+    return array

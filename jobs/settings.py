@@ -1,0 +1,82 @@
+"""A job's settings as one frozen value, checked before any work, and its fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from jobs.errors import JobError
+from workers.contract import ModelSpec, ScoringSettings
+from workers.embedded import EMBEDDED_NAME
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    inputs: tuple[str, ...]
+    output: Path
+    model: ModelSpec
+    scoring: ScoringSettings
+    shard_size: int
+    limit: int | None
+
+    def settings(self) -> dict:
+        """What the job computes, as JSON-ready data: what resume compares and the output records."""
+        return {
+            "inputs": list(self.inputs),
+            "model": asdict(self.model) | {"threads": None},
+            "scoring": asdict(self.scoring),
+            "shard_size": self.shard_size,
+            "limit": self.limit,
+        }
+
+    @property
+    def model_name(self) -> str:
+        return EMBEDDED_NAME if self.model.kind == "embedded" else self.model.source
+
+
+def resolve_model(text: str | None) -> tuple[str, str]:
+    """(source, kind) for --model: the embedded default, a folder, a .gguf file or a hub id."""
+    if text is None:
+        return "", "embedded"
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise JobError(f"--model {text}: the folder has no config.json; is it a Hugging Face model folder?")
+        return str(path.resolve()), "folder"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise JobError(f"--model {text}: no such .gguf file")
+        return str(path.resolve()), "gguf"
+    if path.exists():
+        raise JobError(f"--model {text}: not a model folder or a .gguf file")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise JobError(f"--model {text}: no such folder or file")
+    return text, "hub"
+
+
+def check_remote_code(source: str, kind: str, trust_remote_code: bool) -> None:
+    """A model folder that carries its own code is refused unless --trust-remote-code."""
+    if kind != "folder" or trust_remote_code:
+        return
+    config = json.loads((Path(source) / "config.json").read_text())
+    if "auto_map" in config:
+        raise JobError(
+            f"--model {source}: the model's config asks to run code shipped with it (auto_map); "
+            "bulkscore does not run it unless you pass --trust-remote-code"
+        )
+
+
+def fingerprint(spec: JobSpec, questions: pa.Table) -> str:
+    """Same job, same fingerprint: the rows' content and every setting that changes results."""
+    # Where the rows came from does not matter, only what they hold.
+    settings = {k: v for k, v in spec.settings().items() if k != "inputs"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, questions.schema) as writer:
+        writer.write_table(questions.combine_chunks())
+    digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()[:16]

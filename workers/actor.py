@@ -1,0 +1,43 @@
+"""The Ray actor: holds one loaded model and scores the shards sent to it.
+
+Plain class; the driver wraps it with `ray.remote`. torch and transformers load in `__init__`, in
+the actor's process, never in the driver's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pyarrow as pa
+
+from workers.contract import ModelSpec, ScoringSettings, ShardTask
+
+
+class ShardScorer:
+    def __init__(self, spec: ModelSpec, settings: ScoringSettings) -> None:
+        from workers.models import load_model
+
+        self.settings = settings
+        self.lm = None
+        self.load_error: str | None = None
+        try:
+            self.lm = load_model(spec)
+        except Exception as error:  # reported by info(), so the driver can refuse the job clearly
+            self.load_error = f"{type(error).__name__}: {error}"
+
+    def info(self) -> dict:
+        if self.lm is None:
+            return {"pid": os.getpid(), "error": self.load_error}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.lm.device),
+            "dtype": str(self.lm.dtype).removeprefix("torch."),
+            "load_s": round(self.lm.load_s, 3),
+        }
+
+    def score(self, task: ShardTask) -> pa.Table:
+        from workers.scoring import score_shard
+
+        return score_shard(self.lm, task, self.settings)

@@ -1,0 +1,124 @@
+"""What crosses the driver/actor boundary: frozen settings, a shard's rows, the result columns.
+
+Both sides import this module; it imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+DEFAULT_ANSWER_REGEX = r"<answer>(.*?)</answer>"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how. `source` is a local folder, a `.gguf` file or a hub id."""
+
+    source: str
+    kind: str  # "embedded" | "folder" | "gguf" | "hub"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    trust_remote_code: bool = False
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    format: str = "chat"  # raw | chat
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 1
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    batch_size: int | None = None  # None: as many rows as the token budget allows
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GradingSettings:
+    tolerance: float = 0.05
+    answer_regex: str = DEFAULT_ANSWER_REGEX
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """Everything an actor needs besides the model: fixed for the whole job."""
+
+    prompt: PromptSettings
+    generation: GenerationSettings
+    grading: GradingSettings
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard: `rows` holds INPUT_SCHEMA's columns for input rows [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
+    rows: pa.Table
+
+
+INPUT_SCHEMA = pa.schema(
+    [("row", pa.int64()), ("question", pa.string()), ("reference", pa.string())]
+)
+
+# What an actor returns for a shard: one row per (input row, sample), keyed by `row`.
+RESULT_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("sample", pa.int32()),
+        ("completion", pa.string()),
+        ("answer_text", pa.string()),
+        ("answer", pa.float64()),
+        ("is_correct", pa.bool_()),
+        ("loss", pa.float64()),
+        ("completion_loss", pa.float64()),
+        ("reference_loss", pa.float64()),
+        ("num_prompt_tokens", pa.int32()),
+        ("num_completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class ContractError(RuntimeError):
+    """A shard result that breaks the row accounting: a row missing, repeated or out of range."""
+
+
+def check_result(task: ShardTask, result: pa.Table, num_samples: int) -> pa.Table:
+    """Refuse a result that does not hold each (row, sample) of the shard exactly once.
+
+    Returns the result sorted by (row, sample).
+    """
+    if result.schema != RESULT_SCHEMA:
+        raise ContractError(
+            f"shard {task.index}: result columns {result.schema.names} with types "
+            f"{[str(t) for t in result.schema.types]}; expected {RESULT_SCHEMA.names}"
+        )
+    result = result.sort_by([("row", "ascending"), ("sample", "ascending")])
+    rows = result.column("row").to_pylist()
+    samples = result.column("sample").to_pylist()
+    expected = [(r, s) for r in range(task.start, task.stop) for s in range(num_samples)]
+    if list(zip(rows, samples)) != expected:
+        got = set(zip(rows, samples))
+        missing = [k for k in expected if k not in got][:5]
+        extra = len(rows) - len(got)
+        raise ContractError(
+            f"shard {task.index}: expected {len(expected)} (row, sample) pairs, got {len(rows)}; "
+            f"missing {missing}{'...' if len(missing) == 5 else ''}, repeated {extra}"
+        )
+    return result

@@ -1,0 +1,89 @@
+"""Load a causal LM and its tokenizer once per actor: embedded default, folder, `.gguf` or hub id."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.contract import ModelSpec
+from workers.embedded import embedded_gguf, prepare_gguf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    load_s: float
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_folder(spec: ModelSpec) -> str:
+    """A path or hub id that `from_pretrained` can read; GGUF files are converted once and cached."""
+    if spec.kind == "embedded":
+        return str(prepare_gguf(embedded_gguf()))
+    if spec.kind == "gguf":
+        return str(prepare_gguf(Path(spec.source)))
+    return spec.source
+
+
+def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return tuple(sorted(set(ids)))
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    source = model_folder(spec)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, trust_remote_code=spec.trust_remote_code
+    )
+    model = model.to(device).eval()
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        context_length=int(context),
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        load_s=time.perf_counter() - started,
+    )

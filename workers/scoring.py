@@ -1,0 +1,178 @@
+"""Score one shard: prompts -> batched generation -> answers and grades -> batched losses.
+
+Row accounting: every (row, sample) of the shard comes back exactly once, with a result or with
+`error` set; a failure confined to one row becomes that row's error and the rest are scored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pyarrow as pa
+import torch
+
+from workers.answers import grade, parse_answer, parse_number
+from workers.batching import AUTO_MAX_ROWS, AUTO_TOKEN_BUDGET, plan_batches
+from workers.contract import RESULT_SCHEMA, ScoringSettings, ShardTask
+from workers.generation import Generated, generate_batch
+from workers.losses import span_nll
+from workers.models import LoadedModel
+from workers.prompts import encode_text, format_prompt
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass
+class Item:
+    """One (row, sample) of the shard on its way through."""
+
+    row: int
+    sample: int
+    question: str | None
+    reference: str | None
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    generated: Generated | None = None
+    error: str | None = None
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> list[Out | BaseException]:
+    """fn over the whole batch; if that raises, over each input alone, keeping each one's error."""
+    try:
+        return list(fn(inputs))
+    except Exception:
+        if len(inputs) == 1:
+            raise
+    results: list[Out | BaseException] = []
+    for x in inputs:
+        try:
+            results.extend(fn([x]))
+        except Exception as error:  # confined to this row: it becomes the row's error
+            results.append(error)
+    return results
+
+
+def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
+    limit = lm.context_length - settings.generation.max_new_tokens
+    by_question: dict[str, tuple[str, list[int]]] = {}
+    for item in items:
+        if item.question is None or not item.question.strip():
+            item.error = "question is empty"
+            continue
+        if item.question not in by_question:
+            text = format_prompt(lm.tokenizer, item.question, settings.prompt)
+            by_question[item.question] = (text, encode_text(lm.tokenizer, text, settings.prompt))
+        item.prompt, item.prompt_ids = by_question[item.question]
+        if len(item.prompt_ids) > limit:
+            item.error = (
+                f"prompt has {len(item.prompt_ids)} tokens; with --max-new-tokens "
+                f"{settings.generation.max_new_tokens} that exceeds the model's context of "
+                f"{lm.context_length} tokens"
+            )
+
+
+def batch_seed(seed: int, shard: int, batch: int) -> int:
+    return (seed * 1_000_003 + shard * 10_007 + batch) % 2**63
+
+
+def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings, shard: int) -> None:
+    todo = [item for item in items if item.error is None]
+    gen = settings.generation
+    max_rows = gen.batch_size or AUTO_MAX_ROWS
+    budget = AUTO_TOKEN_BUDGET if gen.batch_size is None else 2**62
+    batches = plan_batches([len(item.prompt_ids) for item in todo], gen.max_new_tokens, max_rows, budget)
+    for number, batch in enumerate(batches):
+        members = [todo[i] for i in batch]
+        seed = batch_seed(gen.seed, shard, number)
+        run = lambda xs: generate_batch(lm, [x.prompt_ids for x in xs], gen, seed)  # noqa: E731
+        for item, result in zip(members, per_row_fallback(run, members)):
+            if isinstance(result, BaseException):
+                item.error = describe(result)
+            else:
+                item.generated = result
+
+
+def item_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> list[tuple]:
+    """(loss, completion_loss, reference_loss) per item, as the output contract defines them.
+
+    completion_loss comes from generation's own logits; the other two take a batched forward pass
+    each, one kind of sequence at a time so that a batch's scored spans line up.
+    """
+    # loss: question + completion as plain text, with the tokenizer's own special tokens.
+    whole = [lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
+    losses = span_nll(lm, whole, [1] * len(items))
+    # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens.
+    with_reference = [item for item in items if item.reference is not None]
+    references = span_nll(
+        lm,
+        [encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt) for item in with_reference],
+        [len(item.prompt_ids) for item in with_reference],
+    )
+    by_item = dict(zip(map(id, with_reference), references))
+    return [
+        (loss, item.generated.nll, by_item.get(id(item)))
+        for item, loss in zip(items, losses)
+    ]
+
+
+def score_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> dict[int, tuple]:
+    done = [item for item in items if item.generated is not None]
+    losses = per_row_fallback(lambda xs: item_losses(lm, xs, settings), done)
+    out = {}
+    for item, value in zip(done, losses):
+        if isinstance(value, BaseException):
+            item.error = f"loss: {describe(value)}"
+        else:
+            out[id(item)] = value
+    return out
+
+
+def result_table(items: Sequence[Item], losses: dict[int, tuple], settings: ScoringSettings) -> pa.Table:
+    pattern = re.compile(settings.grading.answer_regex, re.DOTALL)
+    columns: dict[str, list] = {name: [] for name in RESULT_SCHEMA.names}
+    for item in items:
+        ok = item.error is None
+        completion = item.generated.text if ok else None
+        answer_text = parse_answer(completion, pattern) if ok else None
+        loss, completion_loss, reference_loss = losses.get(id(item), (None, None, None))
+        values = {
+            "row": item.row,
+            "sample": item.sample,
+            "completion": completion,
+            "answer_text": answer_text,
+            "answer": parse_number(answer_text),
+            "is_correct": grade(answer_text, item.reference, settings.grading.tolerance) if ok else None,
+            "loss": loss,
+            "completion_loss": completion_loss,
+            "reference_loss": reference_loss,
+            "num_prompt_tokens": len(item.prompt_ids or ()),
+            "num_completion_tokens": len(item.generated.token_ids) if ok else 0,
+            "finish_reason": item.generated.finish_reason if ok else "error",
+            "error": item.error,
+        }
+        for name, value in values.items():
+            columns[name].append(value)
+    return pa.table(columns, schema=RESULT_SCHEMA)
+
+
+def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> pa.Table:
+    """One RESULT_SCHEMA row per (input row, sample) of the shard."""
+    rows = task.rows.to_pylist()
+    items = [
+        Item(row=r["row"], sample=s, question=r["question"], reference=r["reference"])
+        for r in rows
+        for s in range(settings.generation.num_samples)
+    ]
+    with torch.inference_mode():
+        prepare_prompts(lm, items, settings)
+        generate_items(lm, items, settings, task.index)
+        losses = score_losses(lm, items, settings)
+    return result_table(items, losses, settings)
