@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,19 @@ def is_private(address: str | None) -> bool:
     return address in (None, "", "local")
 
 
+def bind_to_loopback() -> None:
+    """Make a Ray instance started by this process, and all its processes, bind to 127.0.0.1.
+
+    Ray reads the switch at import time (and `_node_ip_address` does not cover the GCS), so it goes
+    into the environment, which Ray's own processes inherit, and into Ray's constant in case Ray
+    was imported before.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Connected to Ray for the block; a private instance listens on 127.0.0.1 with no dashboard.
@@ -32,8 +46,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if is_private(address):
-        # Read by Ray at import: bind every process of the private instance to loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        bind_to_loopback()
     import ray
 
     if ray.is_initialized():
@@ -42,7 +55,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     try:
         if is_private(address):
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+            ray.init(address="local", include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:

@@ -11,7 +11,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.parts import write_atomic
-from jobs.shards import Shard
 from workers.contract import RESULT_SCHEMA
 
 SETTINGS_KEY = b"bulkscore.settings"
@@ -29,13 +28,12 @@ def summary_path(output: Path) -> Path:
     return output.with_suffix(".summary.json") if output.suffix == ".parquet" else output.with_name(output.name + ".summary.json")
 
 
-def shard_rows(questions: pa.Table, shard: Shard, result: pa.Table) -> pa.Table:
+def shard_rows(questions: pa.Table, result: pa.Table) -> pa.Table:
     """Output rows of one shard: the input's id, question and reference beside each result row.
 
-    `result` is checked and sorted by (row, sample) already.
+    `result` is checked and sorted by (row, sample) already; `row` indexes `questions`.
     """
-    positions = pc.subtract(result.column("row"), pa.scalar(shard.start, pa.int64()))
-    source = questions.take(positions)
+    source = questions.take(result.column("row"))
     columns = {"id": source.column("id"), "question": source.column("question"),
                "reference": source.column("reference")}
     columns |= {name: result.column(name) for name in RESULT_SCHEMA.names if name != "row"}

@@ -98,7 +98,7 @@ def run_job(
 
                 def on_result(task: ShardTask, result: pa.Table) -> None:
                     result = check_result(task, result, samples)
-                    store.write(plan[task.index], shard_rows(questions, plan[task.index], result))
+                    store.write(plan[task.index], shard_rows(questions, result))
                     bar.update(result.num_rows)
 
                 run_shards(actors, todo, on_result)

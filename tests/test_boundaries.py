@@ -1,0 +1,65 @@
+"""The driver stays light, the private Ray instance stays on loopback, the cache is race-safe."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from workers.embedded import prepare_once
+
+
+def test_importing_the_driver_loads_neither_torch_nor_transformers():
+    code = (
+        "import sys, jobs.cli, jobs.run, jobs.schedule, workers.actor, workers.contract, workers.embedded\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_private_ray_instance_listens_on_loopback_without_dashboard():
+    code = (
+        "import json, ray\n"
+        "from jobs.cluster import ray_session\n"
+        "with ray_session(None):\n"
+        "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
+        "                      'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"
+        "                      'dashboard': ray._private.worker._global_node.address_info.get('webui_url')}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["gcs"].startswith("127.0.0.1:")
+    assert info["nodes"] == ["127.0.0.1"]
+    assert not info["dashboard"]
+
+
+def slow_build(target: str, log: str) -> None:
+    def build(tmp: Path) -> None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        tmp.mkdir()
+        time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+        (tmp / "config.json").write_text("{}")
+
+    prepare_once(Path(target), build)
+
+
+def test_concurrent_preparation_builds_once(tmp_path):
+    target, log = tmp_path / "models" / "m", tmp_path / "builds.log"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=slow_build, args=(str(target), str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(log.read_text().splitlines()) == 1
+    assert json.loads((target / "config.json").read_text()) == {}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m", "m.lock"]

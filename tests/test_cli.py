@@ -1,0 +1,168 @@
+"""`bulkscore run` end to end through the CLI, on a tiny model and a shared private Ray instance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from tests.helpers import QUESTIONS, write_jsonl
+
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.int64()), ("sample", pa.int32()), ("question", pa.string()), ("reference", pa.string()),
+    ("completion", pa.string()), ("answer_text", pa.string()), ("answer", pa.float64()),
+    ("is_correct", pa.bool_()), ("loss", pa.float64()), ("completion_loss", pa.float64()),
+    ("reference_loss", pa.float64()), ("num_prompt_tokens", pa.int32()),
+    ("num_completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
+])
+SUMMARY_KEYS = {
+    "rows", "samples", "errors", "answered", "correct", "accuracy", "answer_rate", "mean_loss",
+    "mean_completion_loss", "mean_reference_loss", "prompt_tokens", "completion_tokens", "elapsed_s",
+    "rows_per_s", "tokens_per_s", "model", "adapter", "workers", "fingerprint", "versions",
+}
+
+
+@pytest.fixture
+def questions(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["run", *map(str, args)])
+
+
+def run_tiny(tiny_model, questions, output, *extra):
+    return invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "8", "--quiet", *extra)
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_run_writes_the_contract(tiny_model, questions, tmp_path):
+    output = tmp_path / "out" / "answers.parquet"
+    output.parent.mkdir()
+    result = run_tiny(tiny_model, questions, output, "--shard-size", "3", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "rows       8 (8 samples, 0 errors)"
+    assert lines[-1] == f"Wrote {output} and {output.with_suffix('.summary.json')}"
+    assert result.stderr == ""  # --quiet: no progress bar, no messages
+
+    table = pq.read_table(output)
+    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+    assert table.column("id").to_pylist() == [q["id"] for q in QUESTIONS]
+    assert table.column("question").to_pylist() == [q["question"] for q in QUESTIONS]
+    assert table.column("reference").to_pylist() == ["6000", "2500.0", "180", "0.75", "2000", "Paris", "90", "16.09344"]
+    assert table.column("sample").to_pylist() == [0] * 8
+    assert table.column("error").to_pylist() == [None] * 8
+    assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
+    assert all(n > 0 for n in table.column("num_completion_tokens").to_pylist())
+    assert all(x is not None for x in table.column("reference_loss").to_pylist())
+
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["rows"] == summary["samples"] == 8 and summary["errors"] == 0
+    assert summary["completion_tokens"] == sum(table.column("num_completion_tokens").to_pylist())
+    assert summary["mean_loss"] == pytest.approx(sum(table.column("loss").to_pylist()) / 8, abs=1e-6)
+    metadata = table.schema.metadata
+    assert json.loads(metadata[b"bulkscore.summary"]) == summary
+    assert json.loads(metadata[b"bulkscore.settings"])["shard_size"] == 3
+    assert not output.with_name("answers.parquet.parts").exists()
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_results_do_not_depend_on_shard_size_batch_size_or_workers(tiny_model, questions, tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert run_tiny(tiny_model, questions, a, "--shard-size", "3", "--batch-size", "1").exit_code == 0
+    result = run_tiny(tiny_model, questions, b, "--shard-size", "5", "--batch-size", "8",
+                      "--workers", "2", "--cpus-per-worker", "1")
+    assert result.exit_code == 0, result.output
+    ta, tb = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()
+    assert ta["completion"] == tb["completion"]
+    assert ta["num_completion_tokens"] == tb["num_completion_tokens"]
+    for column in ("loss", "completion_loss", "reference_loss"):
+        assert tb[column] == pytest.approx(ta[column], abs=1e-4)
+    assert json.loads(b.with_suffix(".summary.json").read_text())["workers"] == 2
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_rerun_resumes_and_a_different_job_is_refused(tiny_model, questions, tmp_path):
+    output = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    assert run_tiny(tiny_model, questions, output, "--shard-size", "3", "--keep-parts").exit_code == 0
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    first = pq.read_table(output).to_pydict()
+    mtime = output.stat().st_mtime_ns
+
+    again = run_tiny(tiny_model, questions, output, "--shard-size", "3", "--keep-parts")
+    assert again.exit_code == 0
+    assert again.stdout.splitlines()[0] == f"{output} already holds this job's results (use --overwrite to score again)."
+    assert output.stat().st_mtime_ns == mtime
+
+    # A job killed before merging: two shards finished, one not. The rerun scores only that one.
+    output.unlink()
+    (parts / "part-00001.parquet").unlink()
+    kept = (parts / "part-00000.parquet").stat().st_mtime_ns
+    resumed = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "8",
+                     "--shard-size", "3", "--keep-parts")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"Resuming: 2 of 3 shards already done in {parts}" in resumed.stderr
+    assert (parts / "part-00000.parquet").stat().st_mtime_ns == kept  # not recomputed, not rewritten
+    assert (parts / "part-00001.parquet").exists()
+    assert pq.read_table(output).to_pydict() == first
+
+    other = run_tiny(tiny_model, questions, output, "--max-new-tokens", "9")
+    assert other.exit_code == 1
+    assert "holds the results of a different job" in other.stderr and "--overwrite" in other.stderr
+    assert run_tiny(tiny_model, questions, output, "--max-new-tokens", "9", "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-samples", "2"], "Invalid value for --num-samples: greedy decoding gives the same completion every time"),
+        (["--min-new-tokens", "9", "--max-new-tokens", "4"], "Invalid value for --min-new-tokens: 9 is more than --max-new-tokens 4"),
+        (["--answer-regex", "(<answer>"], "Invalid value for --answer-regex: not a valid regular expression"),
+        (["--batch-size", "zero"], "'zero' is not 'auto' or a whole number"),
+        (["--prompt-format", "poem"], "Invalid value for '--prompt-format'"),
+        (["--top-p", "0"], "Invalid value for '--top-p'"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(args, message, tmp_path):
+    result = invoke("-o", tmp_path / "a.parquet", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_output_folder_is_a_usage_error(tmp_path):
+    result = invoke("-o", tmp_path)
+    assert result.exit_code == 2
+    assert f"{tmp_path} is a folder; give a file path such as" in result.stderr
+
+
+def test_input_and_model_errors_exit_1_with_a_clear_message(tmp_path, questions):
+    missing = invoke(tmp_path / "nope.jsonl", "-o", tmp_path / "a.parquet")
+    assert missing.exit_code == 1
+    assert missing.stderr == f"Error: {tmp_path / 'nope.jsonl'}: no such file or folder\n"
+    no_model = invoke(questions, "--model", tmp_path / "no-model", "-o", tmp_path / "a.parquet")
+    assert no_model.exit_code == 1
+    assert no_model.stderr == f"Error: --model {tmp_path / 'no-model'}: no such folder or file\n"
+
+
+def test_model_with_remote_code_is_refused(tmp_path, questions, tiny_model):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text("open('ran', 'w').write('x')\n")
+    result = invoke(questions, "--model", folder, "-o", tmp_path / "a.parquet")
+    assert result.exit_code == 1
+    assert "asks to run code shipped with it (auto_map)" in result.stderr
+    assert "--trust-remote-code" in result.stderr
+    assert not Path("ran").exists()

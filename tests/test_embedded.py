@@ -1,0 +1,36 @@
+"""The real embedded SmolLM2 model, end to end, as a user runs it: the console script, no Ray up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.embedded
+
+
+def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    output = tmp_path / "answers.parquet"
+    command = [str(Path(sys.executable).parent / "bulkscore"), "run", "--limit", "6", "--max-new-tokens", "24",
+               "--shard-size", "4", "-o", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Read 6 questions" in done.stderr
+    assert "Starting 1 worker(s) with SmolLM2-135M-Instruct for 2 shard(s)..." in done.stderr
+    assert "6/6" in done.stderr  # the progress bar reached the end
+    assert done.stdout.splitlines()[0] == "rows       6 (6 samples, 0 errors)"
+
+    table = pq.read_table(output).to_pydict()
+    assert table["id"] == [0, 1, 2, 3, 4, 5]
+    assert table["reference"][:3] == ["252000", "50000", "50000000"]
+    assert all(text and text.strip() for text in table["completion"])  # a real model writes words
+    assert all(0 < loss < 10 for loss in table["loss"])
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert summary["model"] == "SmolLM2-135M-Instruct"
+    assert summary["rows"] == 6 and summary["errors"] == 0

@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.errors import InputError
+from jobs.questions import Columns, bundled_questions, load_questions
+from tests.helpers import QUESTIONS, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def four_formats(tmp_path: Path) -> dict[str, Path]:
+    pairs = [[q["question"], q["answer"]] for q in QUESTIONS]
+    jsonl = write_jsonl(tmp_path / "q.jsonl", [{"question": q["question"], "answer": q["answer"]} for q in QUESTIONS])
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps([{"question": q["question"], "answer": q["answer"]} for q in QUESTIONS]))
+    homework = tmp_path / "pairs.json"
+    homework.write_text(json.dumps([p + ["some reasoning"] if i % 2 else p for i, p in enumerate(pairs)]))
+    parquet = tmp_path / "q.parquet"
+    # Parquet columns are typed: the mixed answer column is stored as the text JSON gives.
+    pq.write_table(pa.table({"question": [q["question"] for q in QUESTIONS],
+                             "answer": [json.dumps(q["answer"]).strip('"') for q in QUESTIONS]}), parquet)
+    return {"jsonl": jsonl, "json": objects, "pairs": homework, "parquet": parquet}
+
+
+def test_four_formats_give_identical_rows(tmp_path):
+    tables = {name: load_questions([path]) for name, path in four_formats(tmp_path).items()}
+    expected = {
+        "id": list(range(len(QUESTIONS))),
+        "question": [q["question"] for q in QUESTIONS],
+        "reference": ["6000", "2500.0", "180", "0.75", "2000", "Paris", "90", "16.09344"],
+    }
+    for name, table in tables.items():
+        assert table.to_pydict() == expected, name
+        assert table.schema == pa.schema([("id", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
+
+
+def test_parquet_folder_and_numeric_answers(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a?", "b?"], "target": [1.5, 2.0]}), folder / "0.parquet")
+    pq.write_table(pa.table({"prompt": ["c?"], "target": [3.25]}), folder / "1.parquet")
+    table = load_questions([folder])
+    assert table.column("question").to_pylist() == ["a?", "b?", "c?"]
+    assert table.column("reference").to_pylist() == ["1.5", "2.0", "3.25"]
+
+
+def test_ids_kept_with_their_type_and_inputs_concatenated_in_order(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "q-1", "input": "x?", "correct_answer": 1}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "q-0", "input": "y?"}])
+    table = load_questions([a, b])
+    assert table.to_pydict() == {"id": ["q-1", "q-0"], "question": ["x?", "y?"], "reference": ["1", None]}
+    assert table.schema.field("id").type == pa.string()
+
+
+def test_named_columns_and_limit(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"key": i, "q": f"q{i}?", "gold": i * 2} for i in range(5)])
+    table = load_questions([path], Columns(question="q", answer="gold", id="key"), limit=2)
+    assert table.to_pydict() == {"id": [0, 1], "question": ["q0?", "q1?"], "reference": ["0", "2"]}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", '{"question": "a"}\n{"question": \n', "bad.jsonl, line 2: not valid JSON"),
+        ("list.jsonl", '{"question": "a"}\n[1, 2]\n', "bad.jsonl, line 2: expected a JSON object, got list"),
+        ("obj.json", '{"question": "a"}', "expected a JSON array"),
+        ("q.csv", "question\na\n", "unsupported format .csv"),
+        ("noq.jsonl", '{"text": "a"}\n', "no question column (looked for question, prompt, input); columns: text"),
+        ("empty.jsonl", "", "no rows"),
+        ("dup.jsonl", '{"id": 1, "question": "a"}\n{"id": 1, "question": "b"}\n', "duplicate id 1"),
+    ],
+)
+def test_bad_inputs_name_the_file_and_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputError) as error:
+        load_questions([path])
+    assert message.replace("bad.jsonl", name) in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_missing_file_and_unknown_column(tmp_path):
+    with pytest.raises(InputError, match="no such file or folder"):
+        load_questions([tmp_path / "nope.jsonl"])
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a?"}])
+    with pytest.raises(InputError, match=r"no column 'ask' \(asked for by --question-column\); columns: question"):
+        load_questions([path], Columns(question="ask"))
+
+
+def test_bundled_set_is_what_the_script_makes(tmp_path):
+    subprocess.run([sys.executable, ROOT / "scripts" / "make_questions.py", tmp_path / "q.jsonl"], check=True,
+                   capture_output=True)
+    assert (tmp_path / "q.jsonl").read_bytes() == bundled_questions().read_bytes()
+    table = load_questions([bundled_questions()])
+    rows = [json.loads(line) for line in bundled_questions().read_text().splitlines()]
+    assert table.num_rows == len(rows) == 300
+    assert {r["category"] for r in rows} == {"length", "mass", "volume", "time", "data", "speed"}
+    assert table.column("id").to_pylist() == list(range(300))

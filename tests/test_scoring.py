@@ -1,0 +1,115 @@
+"""The actor's work on a tiny model, without Ray: losses, batch invariance, stops, row errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+import torch
+
+from tests.helpers import QUESTIONS
+from workers.contract import (
+    INPUT_SCHEMA,
+    GenerationSettings,
+    GradingSettings,
+    ModelSpec,
+    PromptSettings,
+    ScoringSettings,
+    ShardTask,
+)
+from workers.models import load_model
+from workers.scoring import score_shard
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(ModelSpec(str(tiny_model), "folder", dtype="float32", device="cpu"))
+
+
+def task(questions: list[dict], start: int = 0) -> ShardTask:
+    rows = pa.table(
+        {"row": list(range(start, start + len(questions))),
+         "question": [q["question"] for q in questions],
+         "reference": [None if q.get("answer") is None else str(q["answer"]) for q in questions]},
+        schema=INPUT_SCHEMA,
+    )
+    return ShardTask(0, start, start + len(questions), rows)
+
+
+def settings(**generation) -> ScoringSettings:
+    return ScoringSettings(PromptSettings("chat"), GenerationSettings(**({"max_new_tokens": 12} | generation)),
+                           GradingSettings())
+
+
+def mean_nll(model, ids: list[int], first: int) -> float:
+    """Mean NLL of ids[first:] computed directly: one sequence, no padding, no batching."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # [T, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        return -torch.stack([logp[t - 1, ids[t]] for t in range(first, len(ids))]).mean().item()
+
+
+def test_three_losses_equal_an_independent_computation(lm):
+    result = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
+    tok, model = lm.tokenizer, lm.model
+    for q, row in zip(QUESTIONS, result):
+        assert row["error"] is None
+        prompt = tok.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=False,
+                                         add_generation_prompt=True)
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert row["num_prompt_tokens"] == len(prompt_ids)
+        # loss: the homework grader's, HF's own shifted loss over question + completion.
+        ids = torch.tensor([tok(q["question"] + row["completion"])["input_ids"]])
+        with torch.inference_mode():
+            expected_loss = model(input_ids=ids, labels=ids).loss.item()
+        assert row["loss"] == pytest.approx(expected_loss, abs=1e-4)
+        # completion_loss: generate this row alone, score its tokens given the prompt.
+        with torch.inference_mode():
+            alone = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
+                                   pad_token_id=2, eos_token_id=2)[0, len(prompt_ids):].tolist()
+        kept = alone[: row["num_completion_tokens"]]
+        assert tok.decode(kept, skip_special_tokens=True) == row["completion"]
+        assert row["completion_loss"] == pytest.approx(mean_nll(model, prompt_ids + kept, len(prompt_ids)), abs=1e-4)
+        # reference_loss: prompt + reference tokenized together, scored after the prompt.
+        whole = tok(prompt + str(q["answer"]), add_special_tokens=False)["input_ids"]
+        assert row["reference_loss"] == pytest.approx(mean_nll(model, whole, len(prompt_ids)), abs=1e-4)
+
+
+def test_greedy_results_do_not_depend_on_batch_size(lm):
+    one = score_shard(lm, task(QUESTIONS), settings(batch_size=1)).to_pydict()
+    eight = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pydict()
+    auto = score_shard(lm, task(QUESTIONS), settings()).to_pydict()
+    assert one["completion"] == eight["completion"] == auto["completion"]
+    assert len(set(one["completion"])) > 1
+    for column in ("loss", "completion_loss", "reference_loss"):
+        assert eight[column] == pytest.approx(one[column], abs=1e-4)
+
+
+def test_stop_string_cuts_the_completion(lm):
+    plain = score_shard(lm, task(QUESTIONS[:1]), settings()).to_pylist()[0]
+    assert plain["finish_reason"] == "length" and plain["num_completion_tokens"] == 12
+    stop = plain["completion"][len(plain["completion"]) // 2 :][:3]
+    cut = score_shard(lm, task(QUESTIONS[:1]), settings(stop=(stop,))).to_pylist()[0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["completion"] == plain["completion"][: plain["completion"].find(stop)]
+    assert cut["num_completion_tokens"] < 12
+
+
+def test_bad_rows_become_errors_and_the_rest_are_scored(lm):
+    questions = [QUESTIONS[0], {"question": "", "answer": 1}, {"question": "word " * 600, "answer": 2}, QUESTIONS[1]]
+    rows = score_shard(lm, task(questions, start=40), settings()).to_pylist()
+    assert [r["row"] for r in rows] == [40, 41, 42, 43]
+    assert [r["finish_reason"] for r in rows][1:3] == ["error", "error"]
+    assert rows[1]["error"] == "question is empty"
+    assert rows[2]["error"].startswith("prompt has ") and "exceeds the model's context of 512 tokens" in rows[2]["error"]
+    assert rows[1]["completion"] is None and rows[1]["loss"] is None and rows[1]["is_correct"] is None
+    assert rows[0]["error"] is None and rows[3]["error"] is None and rows[3]["loss"] is not None
+
+
+def test_samples_expand_each_row(lm):
+    s = dataclasses.replace(settings(), generation=GenerationSettings(max_new_tokens=6, temperature=1.0,
+                                                                       num_samples=3, seed=7))
+    rows = score_shard(lm, task(QUESTIONS[:2]), s).to_pylist()
+    assert [(r["row"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert len({r["completion"] for r in rows}) > 1

@@ -1,0 +1,62 @@
+"""Pure functions of both sides: shard plan, batch plan, answer parsing and grading."""
+
+import re
+
+import pytest
+
+from jobs.shards import Shard, plan_shards
+from workers.answers import grade, is_close, parse_answer, parse_number
+from workers.batching import plan_batches
+from workers.contract import DEFAULT_ANSWER_REGEX
+
+
+def test_shards_are_contiguous_and_cover_every_row():
+    assert plan_shards(10, 4) == [Shard(0, 0, 4), Shard(1, 4, 8), Shard(2, 8, 10)]
+    assert plan_shards(0, 4) == []
+    assert plan_shards(3, 64) == [Shard(0, 0, 3)]
+
+
+def test_batches_respect_rows_and_token_budget():
+    lengths = [10, 50, 20, 50, 30, 5]
+    batches = plan_batches(lengths, max_new_tokens=10, max_rows=3, token_budget=130)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert batches[0] == [1, 3]  # longest first; a third 50-token row would need 3 * 60 > 130
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) * (max(lengths[i] for i in batch) + 10) <= 130
+    # One row over the budget still gets a batch.
+    assert plan_batches([500], 10, 8, 100) == [[0]]
+
+
+def test_answer_extraction_and_numbers():
+    pattern = re.compile(DEFAULT_ANSWER_REGEX, re.DOTALL)
+    assert parse_answer("so <answer>6,000</answer> grams", pattern) == "6,000"
+    assert parse_answer("no tags here", pattern) is None
+    assert parse_answer("<answer>1</answer><answer>2</answer>", pattern) == "1"
+    assert parse_number("6,000") == 6000.0
+    assert parse_number(" 0.75 ") == 0.75
+    assert parse_number("six") is None
+    assert parse_number("nan") is None
+
+
+@pytest.mark.parametrize(
+    "answer, reference, expected",
+    [
+        ("6000", "6000", True),
+        ("6299", "6000", True),  # within 5%
+        ("6300", "6000", False),  # exactly 5% is not within
+        ("0.0004", "0.0003", False),  # rounded to 3 decimals: 0 vs 0
+        (None, "6000", False),
+        ("6000", None, None),
+        (" Paris ", "paris", True),
+        ("Lyon", "Paris", False),
+        ("about 6000", "6000", False),
+    ],
+)
+def test_grade_follows_the_homework_rule(answer, reference, expected):
+    assert grade(answer, reference, 0.05) is expected
+
+
+def test_is_close_rounds_to_three_decimals():
+    assert is_close(1.0004, 1.0, 0.0001) is True  # both round to 1.0: difference 0 < 0.0001
+    assert is_close(1.0006, 1.0, 0.0001) is False
