@@ -36,30 +36,38 @@ def bundled_questions() -> Path:
     return Path(__file__).parent / "data" / "unit_conversions.jsonl"
 
 
+def read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise InputError(f"{path}, line {line}: not UTF-8 text; save the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(
-                    f"{path}, line {number}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append(row)
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def read_json(path: Path) -> list[dict]:
-    with open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(data, list):
         raise InputError(
             f"{path}: expected a JSON array of objects or of [question, answer] arrays, "
@@ -77,13 +85,6 @@ def read_json(path: Path) -> list[dict]:
                 f"array, got {json.dumps(item)[:80]}"
             )
     return rows
-
-
-def open_text(path: Path):
-    try:
-        return open(path, encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({error.strerror})") from None
 
 
 def read_parquet(path: Path) -> pa.Table:

@@ -91,7 +91,12 @@ def run_job(
             say(f"Starting {pool.workers} worker(s) with {spec.model_name} for {len(todo)} shard(s)...")
             from jobs.schedule import run_shards, start_workers
 
-            actors = start_workers(pool, model, spec.scoring)
+            ready = time.perf_counter()
+            actors, infos = start_workers(pool, model, spec.scoring)
+            say(
+                f"Workers ready in {time.perf_counter() - ready:.1f} s on {infos[0]['device']} "
+                f"({infos[0]['dtype']}, model loaded in {max(i['load_s'] for i in infos):.1f} s)"
+            )
             total_rows = questions.num_rows * samples
             done_rows = sum(s.rows for s in plan if s.index in done) * samples
             with progress_bar(total_rows, done_rows, options.quiet) as bar:

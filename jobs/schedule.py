@@ -15,20 +15,24 @@ from workers.contract import ModelSpec, ScoringSettings, ShardTask
 IN_FLIGHT_PER_WORKER = 2
 
 
-def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> list:
-    """Start the actors and wait until each has loaded its model; refuse a model that fails to load."""
+def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> tuple[list, list[dict]]:
+    """Start the actors and wait until each has loaded its model; refuse a model that fails to load.
+
+    Returns the actors and what each reports of itself (pid, host, device, dtype, load_s).
+    """
     import ray
 
     scorer = ray.remote(ShardScorer).options(
         num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0
     )
     actors = [scorer.remote(model, scoring) for _ in range(plan.workers)]
-    for info in ray.get([a.info.remote() for a in actors]):
+    infos = ray.get([a.info.remote() for a in actors])
+    for info in infos:
         if info.get("error"):
             for actor in actors:
                 ray.kill(actor)
             raise JobError(f"a worker could not load the model: {info['error']}")
-    return actors
+    return actors, infos
 
 
 def run_shards(

@@ -9,6 +9,8 @@ import pytest
 
 from jobs.errors import InputError
 from jobs.questions import Columns, bundled_questions, load_questions
+from jobs.settings import JobSpec, fingerprint
+from workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
 from tests.helpers import QUESTIONS, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,10 @@ def test_four_formats_give_identical_rows(tmp_path):
     for name, table in tables.items():
         assert table.to_pydict() == expected, name
         assert table.schema == pa.schema([("id", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
+    # The same rows make the same job, whatever file they came from: resume and --overwrite agree.
+    spec = JobSpec(("x",), Path("a.parquet"), ModelSpec("", "embedded"),
+                   ScoringSettings(PromptSettings(), GenerationSettings(), GradingSettings()), 64, None)
+    assert len({fingerprint(spec, table) for table in tables.values()}) == 1
 
 
 def test_parquet_folder_and_numeric_answers(tmp_path):
@@ -83,6 +89,13 @@ def test_bad_inputs_name_the_file_and_the_problem(tmp_path, name, content, messa
         load_questions([path])
     assert message.replace("bad.jsonl", name) in str(error.value)
     assert str(path) in str(error.value)
+
+
+def test_undecodable_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "ok"}\n{"question": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"latin1.jsonl, line 2: not UTF-8 text; save the file as UTF-8"):
+        load_questions([path])
 
 
 def test_missing_file_and_unknown_column(tmp_path):

@@ -113,3 +113,35 @@ def test_samples_expand_each_row(lm):
     rows = score_shard(lm, task(QUESTIONS[:2]), s).to_pylist()
     assert [(r["row"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert len({r["completion"] for r in rows}) > 1
+
+
+def test_raw_prompt_is_the_question_with_the_tokenizers_own_special_tokens(lm):
+    row = score_shard(lm, task(QUESTIONS[:1]), dataclasses.replace(settings(), prompt=PromptSettings("raw"))).to_pylist()[0]
+    assert row["num_prompt_tokens"] == len(lm.tokenizer(QUESTIONS[0]["question"])["input_ids"])
+    chat = score_shard(lm, task(QUESTIONS[:1]), settings()).to_pylist()[0]
+    assert chat["num_prompt_tokens"] > row["num_prompt_tokens"] + 10  # the template's system turn
+
+
+def test_trim_keeps_tokens_up_to_the_first_eos(lm):
+    from workers.generation import trim_completion
+
+    hello = lm.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    stopped = trim_completion(hello + [2, 2, 2], lm, GenerationSettings())
+    assert stopped.token_ids == tuple(hello + [2])
+    assert (stopped.text, stopped.finish_reason) == ("Hello world", "stop")
+    running = trim_completion(hello, lm, GenerationSettings())
+    assert (running.token_ids, running.finish_reason) == (tuple(hello), "length")
+    # A stop string ends the completion before it, even inside a token, and before any EOS.
+    cut = trim_completion(hello + [2], lm, GenerationSettings(stop=("o w",)))
+    assert (cut.text, cut.finish_reason) == ("Hell", "stop")
+
+
+def test_a_gguf_file_loads_through_the_cached_conversion(embedded_folder):
+    from jobs.settings import resolve_model
+    from workers.embedded import embedded_gguf
+    from workers.models import model_folder
+
+    source, kind = resolve_model(str(embedded_gguf()))
+    assert kind == "gguf" and source.endswith(".gguf")
+    assert model_folder(ModelSpec(source, kind)) == str(embedded_folder)
+    assert model_folder(ModelSpec("", "embedded")) == str(embedded_folder)
