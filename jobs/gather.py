@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -56,6 +57,11 @@ def mean(column: pa.ChunkedArray) -> float | None:
     return None if value is None else round(value, 6)
 
 
+def error_kind(error: str) -> str:
+    """Row errors read "<kind>: <detail>"."""
+    return error.split(":", 1)[0]
+
+
 def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> dict:
     """The job's figures. Counts and rates are over output rows, i.e. (input row, sample) pairs."""
     samples = table.num_rows
@@ -64,10 +70,12 @@ def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> 
     answered = pc.sum(pc.is_valid(table.column("answer_text"))).as_py() or 0
     completion_tokens = pc.sum(table.column("num_completion_tokens")).as_py() or 0
     errors = pc.sum(pc.is_valid(table.column("error"))).as_py() or 0
+    kinds = Counter(error_kind(e) for e in table.column("error").drop_null().to_pylist())
     return {
         "rows": num_rows,
         "samples": samples,
         "errors": errors,
+        "error_kinds": dict(sorted(kinds.items())),
         "answered": answered,
         "correct": correct,
         "accuracy": round(correct / with_reference, 6) if with_reference else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -18,3 +19,8 @@ def progress_bar(total: int, done: int, quiet: bool) -> tqdm:
         dynamic_ncols=True,
         smoothing=0.1,
     )
+
+
+def announcer(bar: tqdm, quiet: bool) -> Callable[[str], None]:
+    """Print a message above the bar without breaking it; nothing with --quiet."""
+    return (lambda text: None) if quiet else (lambda text: bar.write(text, file=sys.stderr))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -12,7 +13,7 @@ from jobs.cluster import plan_pool, ray_session
 from jobs.errors import JobError
 from jobs.gather import read_finished, shard_rows, summarize, summary_path, write_output
 from jobs.parts import PartStore
-from jobs.progress import progress_bar
+from jobs.progress import announcer, progress_bar
 from jobs.settings import JobSpec, fingerprint
 from jobs.shards import plan_shards
 from workers.contract import INPUT_SCHEMA, ShardTask, check_result
@@ -81,7 +82,7 @@ def run_job(
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
     todo = [shard_task(questions, s.index, s.start, s.stop) for s in plan if s.index not in done]
     samples = spec.scoring.generation.num_samples
-    workers = 0
+    workers = worker_deaths = 0
     if todo:
         with ray_session(options.address):
             pool = plan_pool(options.workers, options.cpus_per_worker, options.gpus_per_worker, len(todo))
@@ -92,24 +93,32 @@ def run_job(
             from jobs.schedule import run_shards, start_workers
 
             ready = time.perf_counter()
-            actors, infos = start_workers(pool, model, spec.scoring)
+            start_one, actors, infos = start_workers(pool, model, spec.scoring)
             say(
                 f"Workers ready in {time.perf_counter() - ready:.1f} s on {infos[0]['device']} "
                 f"({infos[0]['dtype']}, model loaded in {max(i['load_s'] for i in infos):.1f} s)"
             )
             total_rows = questions.num_rows * samples
             done_rows = sum(s.rows for s in plan if s.index in done) * samples
+            pieces: dict[int, list[pa.Table]] = defaultdict(list)
             with progress_bar(total_rows, done_rows, options.quiet) as bar:
 
                 def on_result(task: ShardTask, result: pa.Table) -> None:
-                    result = check_result(task, result, samples)
-                    store.write(plan[task.index], shard_rows(questions, result))
+                    # A shard split after worker deaths comes back in pieces; write it when whole.
+                    pieces[task.index].append(check_result(task, result, samples))
                     bar.update(result.num_rows)
+                    shard = plan[task.index]
+                    if sum(p.num_rows for p in pieces[task.index]) == shard.rows * samples:
+                        whole = pa.concat_tables(pieces.pop(task.index)).sort_by(
+                            [("row", "ascending"), ("sample", "ascending")])
+                        store.write(shard, shard_rows(questions, whole))
 
-                run_shards(actors, todo, on_result)
+                worker_deaths = run_shards(start_one, actors, todo, samples, on_result,
+                                           announcer(bar, options.quiet))
 
     table = store.read(plan)
-    extra = {"model": spec.model_name, "adapter": None, "workers": workers, "fingerprint": job_fingerprint}
+    extra = {"model": spec.model_name, "adapter": None, "workers": workers, "worker_deaths": worker_deaths,
+             "fingerprint": job_fingerprint}
     summary = summarize(table, questions.num_rows, time.perf_counter() - started, extra)
     write_output(table, spec.output, spec.settings(), summary)
     if not options.keep_parts:

@@ -1,69 +1,138 @@
-"""Run shards on a pool of actors, at most two in flight per actor, results handed back in order done."""
+"""Run shards on a pool of actors: at most two in flight per actor, dead actors replaced.
+
+A worker that dies costs only its in-flight shards, which run again on a live worker. The shard
+that was running when a worker died is blamed for it; after MAX_DEATHS it is bisected, each piece
+gets one more try, and a single row that still kills its worker becomes an error row.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from jobs.cluster import PoolPlan
 from jobs.errors import JobError
 from workers.actor import ShardScorer
-from workers.contract import ModelSpec, ScoringSettings, ShardTask
+from workers.contract import ModelSpec, ScoringSettings, ShardTask, error_result
 
 IN_FLIGHT_PER_WORKER = 2
+MAX_DEATHS = 3  # deaths of a whole shard before it is bisected
+WAIT_S = 0.5
 
 
-def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> tuple[list, list[dict]]:
+@dataclass
+class Work:
+    task: ShardTask
+    deaths: int = 0  # workers that died while running this piece or a piece holding it
+    tries_left: int = MAX_DEATHS  # before this piece is split (or, for one row, given up)
+
+
+def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> tuple[Callable, list, list[dict]]:
     """Start the actors and wait until each has loaded its model; refuse a model that fails to load.
 
-    Returns the actors and what each reports of itself (pid, host, device, dtype, load_s).
+    Returns a function that starts one more actor, the actors, and what each reports of itself.
     """
     import ray
 
     scorer = ray.remote(ShardScorer).options(
         num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0
     )
-    actors = [scorer.remote(model, scoring) for _ in range(plan.workers)]
+
+    def start_one():
+        return scorer.remote(model, scoring)
+
+    actors = [start_one() for _ in range(plan.workers)]
     infos = ray.get([a.info.remote() for a in actors])
     for info in infos:
         if info.get("error"):
             for actor in actors:
                 ray.kill(actor)
             raise JobError(f"a worker could not load the model: {info['error']}")
-    return actors, infos
+    return start_one, actors, infos
+
+
+def after_death(work: Work, cause: str, num_samples: int) -> tuple[list[Work], pa.Table | None]:
+    """What to do with a piece whose worker died running it: retry it, split it, or give up on it."""
+    work.deaths += 1
+    work.tries_left -= 1
+    if work.tries_left > 0:
+        return [work], None
+    if work.task.size == 1:
+        message = f"worker died: {work.deaths} workers died running this row (last: {cause})"
+        return [], error_result(work.task, num_samples, message)
+    # Each half gets one try: a half that kills its worker again is split again.
+    return [Work(half, work.deaths, 1) for half in work.task.halves()], None
+
+
+def death_cause(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
 
 
 def run_shards(
-    actors: Sequence, tasks: Sequence[ShardTask], on_result: Callable[[ShardTask, pa.Table], None]
-) -> None:
+    start_one: Callable,
+    actors: Sequence,
+    tasks: Sequence[ShardTask],
+    num_samples: int,
+    on_result: Callable[[ShardTask, pa.Table], None],
+    say: Callable[[str], None],
+) -> int:
+    """Score every task; returns how many workers died on the way."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
-    queue = deque(tasks)
-    pending: dict = {}
+    queue = deque(Work(task) for task in tasks)
+    live = list(actors)
+    in_flight: dict = {a: [] for a in live}  # actor -> refs, in the order they will run
+    pending: dict = {}  # ref -> (actor, work)
+    deaths = 0
 
-    def submit(actor) -> None:
-        task = queue.popleft()
-        pending[actor.score.remote(task)] = (actor, task)
+    def fill() -> None:
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            for actor in live:
+                if queue and len(in_flight[actor]) < IN_FLIGHT_PER_WORKER:
+                    work = queue.popleft()
+                    ref = actor.score.remote(work.task)
+                    pending[ref] = (actor, work)
+                    in_flight[actor].append(ref)
 
-    for _ in range(IN_FLIGHT_PER_WORKER):
-        for actor in actors:
-            if queue:
-                submit(actor)
+    fill()
     while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        actor, task = pending.pop(ref)
+        # A bounded wait gives Python a moment to act on Ctrl-C between checks.
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+        if not ready:
+            continue
+        ref = ready[0]
+        actor, work = pending.pop(ref)
+        running = bool(in_flight[actor]) and in_flight[actor][0] == ref
         try:
             result = ray.get(ref)
-        except RayActorError as error:
-            raise JobError(
-                f"a worker died while scoring shard {task.index} (rows {task.start}-{task.stop - 1}): "
-                f"{error}; run the same command again to resume from the finished shards"
-            ) from None
+        except (RayActorError, WorkerCrashedError, OutOfMemoryError) as error:
+            if actor in live:  # first news of this death: replace the worker
+                deaths += 1
+                live.remove(actor)
+                ray.kill(actor)
+                replacement = start_one()
+                live.append(replacement)
+                in_flight[replacement] = []
+                task = work.task
+                say(f"A worker died (rows {task.start}-{task.stop - 1} of shard {task.index} were running); "
+                    f"starting a replacement: {death_cause(error)}")
+            in_flight[actor].remove(ref)
+            if running:
+                retry, given_up = after_death(work, death_cause(error), num_samples)
+                queue.extendleft(reversed(retry))
+                if given_up is not None:
+                    on_result(work.task, given_up)
+            else:  # it was only queued on the dead worker: not its fault
+                queue.appendleft(work)
         except RayTaskError as error:
-            raise JobError(f"shard {task.index} failed: {error.cause!r}") from None
-        on_result(task, result)
-        if queue:
-            submit(actor)
+            raise JobError(f"shard {work.task.index} failed: {error.cause!r}") from None
+        else:
+            in_flight[actor].remove(ref)
+            on_result(work.task, result)
+        fill()
+    return deaths

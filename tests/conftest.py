@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+CRASH_NEEDLE = "CRASH-THE-WORKER"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -50,6 +51,10 @@ def ray_instance():
     """One private Ray instance for the tests that run jobs in-process (the CLI reuses it)."""
     import ray
 
+    from workers.faults import CRASH_ON_QUESTION
+
+    # Ray's processes inherit this: a worker given a question holding it dies by SIGKILL.
+    os.environ[CRASH_ON_QUESTION] = CRASH_NEEDLE
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()

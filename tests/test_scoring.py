@@ -101,8 +101,8 @@ def test_bad_rows_become_errors_and_the_rest_are_scored(lm):
     rows = score_shard(lm, task(questions, start=40), settings()).to_pylist()
     assert [r["row"] for r in rows] == [40, 41, 42, 43]
     assert [r["finish_reason"] for r in rows][1:3] == ["error", "error"]
-    assert rows[1]["error"] == "question is empty"
-    assert rows[2]["error"].startswith("prompt has ") and "exceeds the model's context of 512 tokens" in rows[2]["error"]
+    assert rows[1]["error"] == "empty question"
+    assert rows[2]["error"].startswith("prompt too long: ") and "exceeds the model's context of 512 tokens" in rows[2]["error"]
     assert rows[1]["completion"] is None and rows[1]["loss"] is None and rows[1]["is_correct"] is None
     assert rows[0]["error"] is None and rows[3]["error"] is None and rows[3]["loss"] is not None
 

@@ -12,6 +12,7 @@ import socket
 import pyarrow as pa
 
 from workers.contract import ModelSpec, ScoringSettings, ShardTask
+from workers.faults import crash_if_asked
 
 
 class ShardScorer:
@@ -40,4 +41,7 @@ class ShardScorer:
     def score(self, task: ShardTask) -> pa.Table:
         from workers.scoring import score_shard
 
+        if self.lm is None:
+            raise RuntimeError(f"this worker could not load the model: {self.load_error}")
+        crash_if_asked(task)
         return score_shard(self.lm, task, self.settings)

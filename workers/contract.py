@@ -63,12 +63,23 @@ class ScoringSettings:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard: `rows` holds INPUT_SCHEMA's columns for input rows [start, stop)."""
+    """One shard, or a piece of one: `rows` holds INPUT_SCHEMA's columns for input rows [start, stop)."""
 
     index: int
     start: int
     stop: int
     rows: pa.Table
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def halves(self) -> tuple[ShardTask, ShardTask]:
+        mid = self.start + self.size // 2
+        return (
+            ShardTask(self.index, self.start, mid, self.rows.slice(0, mid - self.start)),
+            ShardTask(self.index, mid, self.stop, self.rows.slice(mid - self.start)),
+        )
 
 
 INPUT_SCHEMA = pa.schema(
@@ -93,6 +104,18 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+
+
+def error_result(task: ShardTask, num_samples: int, error: str) -> pa.Table:
+    """Result rows for a piece that could not be scored at all: every (row, sample) gets `error`."""
+    n = task.size * num_samples
+    columns = {name: [None] * n for name in RESULT_SCHEMA.names}
+    columns["row"] = [r for r in range(task.start, task.stop) for _ in range(num_samples)]
+    columns["sample"] = [s for _ in range(task.start, task.stop) for s in range(num_samples)]
+    columns["num_prompt_tokens"] = columns["num_completion_tokens"] = [0] * n
+    columns["finish_reason"] = ["error"] * n
+    columns["error"] = [error] * n
+    return pa.table(columns, schema=RESULT_SCHEMA)
 
 
 class ContractError(RuntimeError):

@@ -65,7 +65,7 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
     by_question: dict[str, tuple[str, list[int]]] = {}
     for item in items:
         if item.question is None or not item.question.strip():
-            item.error = "question is empty"
+            item.error = "empty question"
             continue
         if item.question not in by_question:
             text = format_prompt(lm.tokenizer, item.question, settings.prompt)
@@ -73,7 +73,7 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
         item.prompt, item.prompt_ids = by_question[item.question]
         if len(item.prompt_ids) > limit:
             item.error = (
-                f"prompt has {len(item.prompt_ids)} tokens; with --max-new-tokens "
+                f"prompt too long: {len(item.prompt_ids)} tokens; with --max-new-tokens "
                 f"{settings.generation.max_new_tokens} that exceeds the model's context of "
                 f"{lm.context_length} tokens"
             )
@@ -95,7 +95,7 @@ def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSett
         run = lambda xs: generate_batch(lm, [x.prompt_ids for x in xs], gen, seed)  # noqa: E731
         for item, result in zip(members, per_row_fallback(run, members)):
             if isinstance(result, BaseException):
-                item.error = describe(result)
+                item.error = f"generation failed: {describe(result)}"
             else:
                 item.generated = result
 
@@ -129,7 +129,7 @@ def score_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettin
     out = {}
     for item, value in zip(done, losses):
         if isinstance(value, BaseException):
-            item.error = f"loss: {describe(value)}"
+            item.error = f"loss failed: {describe(value)}"
         else:
             out[id(item)] = value
     return out

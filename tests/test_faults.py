@@ -1,0 +1,90 @@
+"""Nothing lost: workers killed mid-job, a row that kills every worker, the whole job killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from tests.conftest import CRASH_NEEDLE
+from tests.helpers import QUESTIONS, write_jsonl
+
+MANY = [{"id": i, "question": f"{q['question']} (variant {i})", "answer": q["answer"]}
+        for i, q in enumerate(QUESTIONS * 5)]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["run", *map(str, args)])
+
+
+def scorer_pids(raylet_pid: int) -> list[int]:
+    """Process ids of this Ray instance's ShardScorer actors (children of its raylet)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()]
+    return [int(pid) for pid, ppid, args in rows if int(ppid) == raylet_pid and args.startswith("ray::ShardScorer")]
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_killed_worker_costs_no_row(tiny_model, tmp_path):
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    questions = write_jsonl(tmp_path / "q.jsonl", MANY)
+    output = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    killed: list[int] = []
+
+    def kill_a_worker_once_a_shard_is_done() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if parts.exists() and any(p.name.startswith("part-") for p in parts.iterdir()):
+                for pid in scorer_pids(raylet):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_once_a_shard_is_done)
+    killer.start()
+    result = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "16",
+                    "--shard-size", "2", "--keep-parts")
+    killer.join()
+    assert result.exit_code == 0, result.output
+    assert killed
+    assert "A worker died (rows " in result.stderr and "starting a replacement" in result.stderr
+    table = pq.read_table(output).to_pydict()
+    assert table["id"] == [q["id"] for q in MANY]  # every row once, in order
+    assert table["error"] == [None] * len(MANY)
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert summary["worker_deaths"] >= 1 and summary["errors"] == 0
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
+    rows = [dict(q) for q in QUESTIONS[:6]]
+    rows[3]["question"] = f"{CRASH_NEEDLE}: how many gram per 6 kg?"
+    questions = write_jsonl(tmp_path / "q.jsonl", rows)
+    output = tmp_path / "answers.parquet"
+    result = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "6",
+                    "--shard-size", "2")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(output).to_pydict()
+    assert table["id"] == [q["id"] for q in rows]
+    errors = table["error"]
+    assert errors[3].startswith("worker died: 4 workers died running this row (last: ")
+    assert errors[:3] + errors[4:] == [None] * 5  # its shard-mate (row 2) was scored too
+    assert table["completion"][2] is not None and table["finish_reason"][3] == "error"
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert summary["errors"] == 1 and summary["error_kinds"] == {"worker died": 1}
+    assert summary["worker_deaths"] == 4
+    # (Ray's raylet also reports each death on stdout, before the summary.)
+    assert "rows       6 (6 samples, 1 errors)" in result.stdout.splitlines()
