@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import click
 
 from jobs.errors import JobError
 from jobs.gather import summary_path
+from jobs.parts import parts_folder
 from jobs.questions import Columns, bundled_questions, load_questions
 from jobs.run import RunOptions, run_job
 from jobs.settings import JobSpec, check_remote_code, resolve_model
@@ -114,6 +117,10 @@ def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_co
         report = run_job(spec, questions, options, say)
     except JobError as error:
         raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted. Finished shards are kept in {parts_folder(output)}: run the same "
+                   "command again to resume.", err=True)
+        sys.exit(130)
     if report.already_finished:
         click.echo(f"{output} already holds this job's results (use --overwrite to score again).")
     click.echo(summary_table(report.summary))
@@ -124,6 +131,9 @@ def check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples
     """Refuse impossible combinations before any work (exit 2)."""
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file path such as {output / 'answers.parquet'}", param_hint="--output")
+    folder = next((p for p in output.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {output}: {folder} is not a writable folder", param_hint="--output")
     if min_new_tokens > max_new_tokens:
         raise click.BadParameter(f"{min_new_tokens} is more than --max-new-tokens {max_new_tokens}", param_hint="--min-new-tokens")
     if num_samples > 1 and temperature == 0:

@@ -72,6 +72,13 @@ def death_cause(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
+def can_take(in_flight: list[tuple], work: Work) -> bool:
+    """A piece that has been running when a worker died runs alone, so a death there is its own."""
+    if any(w.deaths for _, w in in_flight):
+        return False
+    return not in_flight if work.deaths else len(in_flight) < IN_FLIGHT_PER_WORKER
+
+
 def run_shards(
     start_one: Callable,
     actors: Sequence,
@@ -84,55 +91,64 @@ def run_shards(
     import ray
     from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
+    died = (RayActorError, WorkerCrashedError, OutOfMemoryError)
     queue = deque(Work(task) for task in tasks)
-    live = list(actors)
-    in_flight: dict = {a: [] for a in live}  # actor -> refs, in the order they will run
-    pending: dict = {}  # ref -> (actor, work)
+    in_flight: dict = {a: [] for a in actors}  # live actor -> [(ref, work)] in the order it runs them
+    owner: dict = {}  # ref -> actor
     deaths = 0
 
     def fill() -> None:
-        for _ in range(IN_FLIGHT_PER_WORKER):
-            for actor in live:
-                if queue and len(in_flight[actor]) < IN_FLIGHT_PER_WORKER:
-                    work = queue.popleft()
-                    ref = actor.score.remote(work.task)
-                    pending[ref] = (actor, work)
-                    in_flight[actor].append(ref)
+        for work in list(queue):
+            actor = next((a for a, running in in_flight.items() if can_take(running, work)), None)
+            if actor is not None:
+                queue.remove(work)
+                ref = actor.score.remote(work.task)
+                in_flight[actor].append((ref, work))
+                owner[ref] = actor
 
-    fill()
-    while pending:
-        # A bounded wait gives Python a moment to act on Ctrl-C between checks.
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
-        if not ready:
-            continue
-        ref = ready[0]
-        actor, work = pending.pop(ref)
-        running = bool(in_flight[actor]) and in_flight[actor][0] == ref
+    def get(ref, work: Work) -> pa.Table:
         try:
-            result = ray.get(ref)
-        except (RayActorError, WorkerCrashedError, OutOfMemoryError) as error:
-            if actor in live:  # first news of this death: replace the worker
-                deaths += 1
-                live.remove(actor)
-                ray.kill(actor)
-                replacement = start_one()
-                live.append(replacement)
-                in_flight[replacement] = []
-                task = work.task
-                say(f"A worker died (rows {task.start}-{task.stop - 1} of shard {task.index} were running); "
-                    f"starting a replacement: {death_cause(error)}")
-            in_flight[actor].remove(ref)
-            if running:
-                retry, given_up = after_death(work, death_cause(error), num_samples)
-                queue.extendleft(reversed(retry))
-                if given_up is not None:
-                    on_result(work.task, given_up)
-            else:  # it was only queued on the dead worker: not its fault
-                queue.appendleft(work)
+            return ray.get(ref)
         except RayTaskError as error:
             raise JobError(f"shard {work.task.index} failed: {error.cause!r}") from None
-        else:
-            in_flight[actor].remove(ref)
-            on_result(work.task, result)
+
+    while queue or owner:
         fill()
+        # A bounded wait gives Python a moment to act on Ctrl-C between checks.
+        ready, _ = ray.wait(list(owner), num_returns=1, timeout=WAIT_S)
+        if not ready:
+            continue
+        actor = owner.pop(ready[0])
+        work = next(w for r, w in in_flight[actor] if r == ready[0])
+        try:
+            result = get(ready[0], work)
+        except died as error:
+            # The worker is gone with everything it had: keep what it finished, blame the piece
+            # that was running (the first unfinished one), and run the rest again elsewhere.
+            deaths += 1
+            lost = in_flight.pop(actor)
+            ray.kill(actor)
+            in_flight[start_one()] = []
+            blamed = None
+            for ref, piece in lost:
+                owner.pop(ref, None)
+                try:
+                    on_result(piece.task, get(ref, piece))
+                    continue
+                except died:
+                    pass
+                if blamed is None:
+                    blamed = piece
+                    task = piece.task
+                    say(f"A worker died running rows {task.start}-{task.stop - 1} of shard {task.index}; "
+                        f"starting a replacement ({death_cause(error)})")
+                    retry, given_up = after_death(piece, death_cause(error), num_samples)
+                    queue.extendleft(reversed(retry))
+                    if given_up is not None:
+                        on_result(piece.task, given_up)
+                else:
+                    queue.append(piece)
+            continue
+        in_flight[actor].remove((ready[0], work))
+        on_result(work.task, result)
     return deaths

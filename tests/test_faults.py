@@ -60,7 +60,7 @@ def test_a_killed_worker_costs_no_row(tiny_model, tmp_path):
     killer.join()
     assert result.exit_code == 0, result.output
     assert killed
-    assert "A worker died (rows " in result.stderr and "starting a replacement" in result.stderr
+    assert "A worker died running rows " in result.stderr and "starting a replacement" in result.stderr
     table = pq.read_table(output).to_pydict()
     assert table["id"] == [q["id"] for q in MANY]  # every row once, in order
     assert table["error"] == [None] * len(MANY)
@@ -81,10 +81,85 @@ def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
     assert table["id"] == [q["id"] for q in rows]
     errors = table["error"]
     assert errors[3].startswith("worker died: 4 workers died running this row (last: ")
-    assert errors[:3] + errors[4:] == [None] * 5  # its shard-mate (row 2) was scored too
+    assert errors[:3] + errors[4:] == [None] * 5, errors  # its shard-mate (row 2) was scored too
     assert table["completion"][2] is not None and table["finish_reason"][3] == "error"
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert summary["errors"] == 1 and summary["error_kinds"] == {"worker died": 1}
     assert summary["worker_deaths"] == 4
     # (Ray's raylet also reports each death on stdout, before the summary.)
     assert "rows       6 (6 samples, 1 errors)" in result.stdout.splitlines()
+
+
+def descendants(root: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state not in ("Z", "X")
+
+
+SECRET = "hf_bulkscoreTestSecret0123456789"
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_job_killed_as_a_whole_resumes_without_redoing_finished_shards(tiny_model, tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", MANY)
+    output = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    command = [str(Path(sys.executable).parent / "bulkscore"), "run", str(questions), "--model", str(tiny_model),
+               "-o", str(output), "--max-new-tokens", "16", "--shard-size", "4", "--keep-parts"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
+    env |= {"HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}
+
+    # Driver, Ray and workers: the whole job dies by SIGKILL once three shards are on disk.
+    job = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and job.poll() is None:
+        if parts.exists() and len(list(parts.glob("part-*.parquet"))) >= 3:
+            break
+        time.sleep(0.05)
+    tree = descendants(job.pid)
+    os.killpg(job.pid, signal.SIGKILL)
+    for pid in tree:  # Ray workers run in process groups of their own
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    first_out, first_err = job.communicate()
+    assert job.returncode == -signal.SIGKILL
+    assert not output.exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
+    assert 3 <= len(finished) < 10
+    assert not list(parts.glob(".*tmp*"))  # nothing half-written is left looking finished... or at all
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming: {len(finished)} of 10 shards already done in {parts}" in resumed.stderr
+    assert {name: (parts / name).stat().st_mtime_ns for name in finished} == finished  # untouched
+    assert len(list(parts.glob("part-*.parquet"))) == 10
+
+    # The same rows, once each, as a run that was never interrupted.
+    table = pq.read_table(output).to_pydict()
+    assert table["id"] == [q["id"] for q in MANY] and table["error"] == [None] * len(MANY)
+    clean = tmp_path / "clean.parquet"
+    assert invoke(questions, "--model", tiny_model, "-o", clean, "--max-new-tokens", "16", "--quiet").exit_code == 0
+    assert table["completion"] == pq.read_table(clean).column("completion").to_pylist()
+
+    # No secret from the environment reaches the output, the summary, the checkpoints or the logs.
+    written = [output.read_bytes(), output.with_suffix(".summary.json").read_bytes(),
+               (parts / "manifest.json").read_bytes(), first_out, first_err,
+               resumed.stdout.encode(), resumed.stderr.encode()]
+    assert not any(SECRET.encode() in blob for blob in written)

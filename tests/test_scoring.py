@@ -97,11 +97,12 @@ def test_stop_string_cuts_the_completion(lm):
 
 
 def test_bad_rows_become_errors_and_the_rest_are_scored(lm):
-    questions = [QUESTIONS[0], {"question": "", "answer": 1}, {"question": "word " * 600, "answer": 2}, QUESTIONS[1]]
+    questions = [QUESTIONS[0], {"question": "", "answer": 1}, {"question": "word " * 600, "answer": 2}, QUESTIONS[1],
+                 {"question": None, "answer": 3}]
     rows = score_shard(lm, task(questions, start=40), settings()).to_pylist()
-    assert [r["row"] for r in rows] == [40, 41, 42, 43]
-    assert [r["finish_reason"] for r in rows][1:3] == ["error", "error"]
-    assert rows[1]["error"] == "empty question"
+    assert [r["row"] for r in rows] == [40, 41, 42, 43, 44]
+    assert [r["finish_reason"] for r in rows] == ["length", "error", "error", "length", "error"]
+    assert rows[1]["error"] == rows[4]["error"] == "empty question"
     assert rows[2]["error"].startswith("prompt too long: ") and "exceeds the model's context of 512 tokens" in rows[2]["error"]
     assert rows[1]["completion"] is None and rows[1]["loss"] is None and rows[1]["is_correct"] is None
     assert rows[0]["error"] is None and rows[3]["error"] is None and rows[3]["loss"] is not None
@@ -145,3 +146,47 @@ def test_a_gguf_file_loads_through_the_cached_conversion(embedded_folder):
     assert kind == "gguf" and source.endswith(".gguf")
     assert model_folder(ModelSpec(source, kind)) == str(embedded_folder)
     assert model_folder(ModelSpec("", "embedded")) == str(embedded_folder)
+
+
+def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypatch):
+    import workers.scoring
+
+    real = workers.scoring.generate_batch
+
+    def fail_on_the_long_prompt(lm_, prompts, gen, seed):
+        if any("explain the steps" in lm_.tokenizer.decode(p) for p in prompts):
+            raise ValueError("injected failure")
+        return real(lm_, prompts, gen, seed)
+
+    monkeypatch.setattr(workers.scoring, "generate_batch", fail_on_the_long_prompt)
+    rows = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
+    failed = [r for r in rows if r["error"] is not None]
+    assert [r["error"] for r in failed] == ["generation failed: ValueError: injected failure"]
+    assert failed[0]["row"] == 7  # the one long question; the batch was retried row by row
+    assert all(r["completion"] is not None for r in rows if r["error"] is None)
+
+
+class Exploit:
+    """Unpickling this runs a shell command: what a malicious pickle checkpoint does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_checkpoints_load_only_through_the_weights_only_loader(tmp_path, tiny_model):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pickle-code-ran"
+    torch.save({"model.embed_tokens.weight": Exploit(str(marker))}, folder / "pytorch_model.bin")
+    with pytest.raises(Exception) as error:
+        load_model(ModelSpec(str(folder), "folder", dtype="float32", device="cpu"))
+    assert "weights_only" in str(error.value) or "Weights only load failed" in str(error.value)
+    assert not marker.exists()
