@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from jobs.cli import cli
 from tests.conftest import CRASH_NEEDLE
-from tests.helpers import QUESTIONS, write_jsonl
+from tests.helpers import QUESTIONS, kill_job, write_jsonl
 
 MANY = [{"id": i, "question": f"{q['question']} (variant {i})", "answer": q["answer"]}
         for i, q in enumerate(QUESTIONS * 5)]
@@ -90,29 +90,6 @@ def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
     assert "rows       6 (6 samples, 1 errors)" in result.stdout.splitlines()
 
 
-def descendants(root: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        pid, ppid = map(int, line.split())
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
-    return state not in ("Z", "X")
-
-
 SECRET = "hf_bulkscoreTestSecret0123456789"
 
 
@@ -133,12 +110,8 @@ def test_a_job_killed_as_a_whole_resumes_without_redoing_finished_shards(tiny_mo
         if parts.exists() and len(list(parts.glob("part-*.parquet"))) >= 3:
             break
         time.sleep(0.05)
-    tree = descendants(job.pid)
-    os.killpg(job.pid, signal.SIGKILL)
-    for pid in tree:  # Ray workers run in process groups of their own
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    first_out, first_err = job.communicate()
+    kill_job(job)
+    first_out, first_err = job.stdout.read(), job.stderr.read()
     assert job.returncode == -signal.SIGKILL
     assert not output.exists()
     finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
