@@ -6,17 +6,19 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pyarrow as pa
 
 from jobs.cluster import plan_pool, ray_session
 from jobs.errors import JobError
-from jobs.gather import read_finished, shard_rows, summarize, summary_path, write_output
+from jobs.gather import read_finished, shard_rows, summarize, write_output
 from jobs.parts import PartStore
 from jobs.progress import announcer, progress_bar
 from jobs.settings import JobSpec, fingerprint
-from jobs.shards import plan_shards
+from jobs.shards import Shard, plan_shards
 from workers.contract import INPUT_SCHEMA, ShardTask, check_result
+from workers.embedded import cache_root, embedded_gguf, is_prepared
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,6 @@ class RunOptions:
 @dataclass(frozen=True)
 class RunReport:
     summary: dict
-    shards: int
-    resumed_shards: int
     already_finished: bool
 
 
@@ -73,48 +73,15 @@ def run_job(
     job_fingerprint = fingerprint(spec, questions)
     finished = check_output_free(spec, job_fingerprint, options.overwrite)
     if finished is not None:
-        return RunReport(finished, 0, 0, already_finished=True)
+        return RunReport(finished, already_finished=True)
 
     plan = plan_shards(questions.num_rows, spec.shard_size)
     store = PartStore(spec.output)
     done = store.open(job_fingerprint, plan, spec.settings(), options.overwrite)
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
-    todo = [shard_task(questions, s.index, s.start, s.stop) for s in plan if s.index not in done]
-    samples = spec.scoring.generation.num_samples
-    workers = worker_deaths = 0
-    if todo:
-        with ray_session(options.address):
-            pool = plan_pool(options.workers, options.cpus_per_worker, options.gpus_per_worker, len(todo))
-            workers = pool.workers
-            # Each worker's torch uses as many threads as the CPUs Ray gave it.
-            model = replace(spec.model, threads=spec.model.threads or max(1, int(pool.cpus_per_worker)))
-            say(f"Starting {pool.workers} worker(s) with {spec.model_name} for {len(todo)} shard(s)...")
-            from jobs.schedule import run_shards, start_workers
-
-            ready = time.perf_counter()
-            start_one, actors, infos = start_workers(pool, model, spec.scoring)
-            say(
-                f"Workers ready in {time.perf_counter() - ready:.1f} s on {infos[0]['device']} "
-                f"({infos[0]['dtype']}, model loaded in {max(i['load_s'] for i in infos):.1f} s)"
-            )
-            total_rows = questions.num_rows * samples
-            done_rows = sum(s.rows for s in plan if s.index in done) * samples
-            pieces: dict[int, list[pa.Table]] = defaultdict(list)
-            with progress_bar(total_rows, done_rows, options.quiet) as bar:
-
-                def on_result(task: ShardTask, result: pa.Table) -> None:
-                    # A shard split after worker deaths comes back in pieces; write it when whole.
-                    pieces[task.index].append(check_result(task, result, samples))
-                    bar.update(result.num_rows)
-                    shard = plan[task.index]
-                    if sum(p.num_rows for p in pieces[task.index]) == shard.rows * samples:
-                        whole = pa.concat_tables(pieces.pop(task.index)).sort_by(
-                            [("row", "ascending"), ("sample", "ascending")])
-                        store.write(shard, shard_rows(questions, whole))
-
-                worker_deaths = run_shards(start_one, actors, todo, samples, on_result,
-                                           announcer(bar, options.quiet))
+    todo = [s for s in plan if s.index not in done]
+    workers, worker_deaths = score_on_ray(spec, questions, todo, store, options, say) if todo else (0, 0)
 
     table = store.read(plan)
     extra = {"model": spec.model_name, "adapter": None, "workers": workers, "worker_deaths": worker_deaths,
@@ -123,5 +90,46 @@ def run_job(
     write_output(table, spec.output, spec.settings(), summary)
     if not options.keep_parts:
         store.remove()
-    return RunReport(summary, len(plan), len(done), already_finished=False)
+    return RunReport(summary, already_finished=False)
 
+
+def score_on_ray(
+    spec: JobSpec, questions: pa.Table, todo: list[Shard], store: PartStore, options: RunOptions,
+    say: Callable[[str], None],
+) -> tuple[int, int]:
+    """Score the shards in `todo` into `store`; returns (workers, worker deaths)."""
+    from jobs.schedule import run_shards, start_workers
+
+    samples = spec.scoring.generation.num_samples
+    with ray_session(options.address):
+        pool = plan_pool(options.workers, options.cpus_per_worker, options.gpus_per_worker, len(todo))
+        # Each worker's torch uses as many threads as the CPUs Ray gave it.
+        model = replace(spec.model, threads=spec.model.threads or max(1, int(pool.cpus_per_worker)))
+        say(f"Starting {pool.workers} worker(s) with {spec.model_name} for {len(todo)} shard(s)...")
+        gguf = embedded_gguf() if spec.model.kind == "embedded" else Path(spec.model.source)
+        if spec.model.kind in ("embedded", "gguf") and not is_prepared(gguf):
+            say(f"Converting {gguf.name} once into {cache_root()} (about 30 s)...")
+        ready = time.perf_counter()
+        start_one, actors, infos = start_workers(pool, model, spec.scoring)
+        say(
+            f"Workers ready in {time.perf_counter() - ready:.1f} s on {infos[0]['device']} "
+            f"({infos[0]['dtype']}, model loaded in {max(i['load_s'] for i in infos):.1f} s)"
+        )
+        shards = {s.index: s for s in todo}
+        pieces: dict[int, list[pa.Table]] = defaultdict(list)
+        total = questions.num_rows * samples
+        with progress_bar(total, total - sum(s.rows for s in todo) * samples, options.quiet) as bar:
+
+            def on_result(task: ShardTask, result: pa.Table) -> None:
+                # A shard split after worker deaths comes back in pieces; write it when whole.
+                pieces[task.index].append(check_result(task, result, samples))
+                bar.update(result.num_rows)
+                shard = shards[task.index]
+                if sum(p.num_rows for p in pieces[task.index]) == shard.rows * samples:
+                    whole = pa.concat_tables(pieces.pop(task.index)).sort_by(
+                        [("row", "ascending"), ("sample", "ascending")])
+                    store.write(shard, shard_rows(questions, whole))
+
+            tasks = [shard_task(questions, s.index, s.start, s.stop) for s in todo]
+            deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
+    return pool.workers, deaths

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from jobs.errors import JobError
 from workers.contract import ModelSpec, ScoringSettings
-from workers.embedded import EMBEDDED_NAME
+from workers.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_gguf
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class JobSpec:
 def resolve_model(text: str | None) -> tuple[str, str]:
     """(source, kind) for --model: the embedded default, a folder, a .gguf file or a hub id."""
     if text is None:
+        try:
+            embedded_gguf()
+        except EmbeddedModelMissing as error:
+            raise JobError(str(error)) from None
         return "", "embedded"
     path = Path(text).expanduser()
     if path.is_dir():

