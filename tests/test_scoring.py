@@ -159,11 +159,12 @@ def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypa
         return real(lm_, prompts, gen, seed)
 
     monkeypatch.setattr(workers.scoring, "generate_batch", fail_on_the_long_prompt)
-    rows = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
-    failed = [r for r in rows if r["error"] is not None]
-    assert [r["error"] for r in failed] == ["generation failed: ValueError: injected failure"]
-    assert failed[0]["row"] == 7  # the one long question; the batch was retried row by row
-    assert all(r["completion"] is not None for r in rows if r["error"] is None)
+    for batch_size in (None, 1):
+        rows = score_shard(lm, task(QUESTIONS), settings(batch_size=batch_size)).to_pylist()
+        failed = [r for r in rows if r["error"] is not None]
+        assert [r["error"] for r in failed] == ["generation failed: ValueError: injected failure"]
+        assert failed[0]["row"] == 7  # the one long question; a batch holding it was retried row by row
+        assert all(r["completion"] is not None for r in rows if r["error"] is None)
 
 
 class Exploit:

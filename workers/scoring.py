@@ -48,9 +48,9 @@ def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> l
     """fn over the whole batch; if that raises, over each input alone, keeping each one's error."""
     try:
         return list(fn(inputs))
-    except Exception:
+    except Exception as error:  # confined to this batch: find the rows it comes from
         if len(inputs) == 1:
-            raise
+            return [error]
     results: list[Out | BaseException] = []
     for x in inputs:
         try:
