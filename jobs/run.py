@@ -81,11 +81,11 @@ def run_job(
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
     todo = [s for s in plan if s.index not in done]
-    workers, worker_deaths = score_on_ray(spec, questions, todo, store, options, say) if todo else (0, 0)
+    idle = {"workers": 0, "nodes": 0, "worker_deaths": 0}
+    figures = score_on_ray(spec, questions, todo, store, options, say) if todo else idle
 
     table = store.read(plan)
-    extra = {"model": spec.model_name, "adapter": None, "workers": workers, "worker_deaths": worker_deaths,
-             "fingerprint": job_fingerprint}
+    extra = {"model": spec.model_name, "adapter": None, **figures, "fingerprint": job_fingerprint}
     summary = summarize(table, questions.num_rows, time.perf_counter() - started, extra)
     write_output(table, spec.output, spec.settings(), summary)
     if not options.keep_parts:
@@ -96,8 +96,8 @@ def run_job(
 def score_on_ray(
     spec: JobSpec, questions: pa.Table, todo: list[Shard], store: PartStore, options: RunOptions,
     say: Callable[[str], None],
-) -> tuple[int, int]:
-    """Score the shards in `todo` into `store`; returns (workers, worker deaths)."""
+) -> dict[str, int]:
+    """Score the shards in `todo` into `store`; returns how many workers, on how many nodes, died."""
     from jobs.schedule import run_shards, start_workers
 
     samples = spec.scoring.generation.num_samples
@@ -132,4 +132,4 @@ def score_on_ray(
 
             tasks = [shard_task(questions, s.index, s.start, s.stop) for s in todo]
             deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
-    return pool.workers, deaths
+    return {"workers": pool.workers, "nodes": len({i["node"] for i in infos}), "worker_deaths": deaths}

@@ -21,7 +21,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("num_completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
 ])
 SUMMARY_KEYS = {
-    "rows", "samples", "errors", "error_kinds", "worker_deaths", "answered", "correct", "accuracy", "answer_rate", "mean_loss",
+    "rows", "samples", "errors", "error_kinds", "worker_deaths", "nodes", "answered", "correct", "accuracy", "answer_rate", "mean_loss",
     "mean_completion_loss", "mean_reference_loss", "prompt_tokens", "completion_tokens", "elapsed_s",
     "rows_per_s", "tokens_per_s", "model", "adapter", "workers", "fingerprint", "versions",
 }

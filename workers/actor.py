@@ -30,9 +30,12 @@ class ShardScorer:
     def info(self) -> dict:
         if self.lm is None:
             return {"pid": os.getpid(), "error": self.load_error}
+        import ray
+
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),
             "device": str(self.lm.device),
             "dtype": str(self.lm.dtype).removeprefix("torch."),
             "load_s": round(self.lm.load_s, 3),
