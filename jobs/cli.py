@@ -163,3 +163,80 @@ def summary_table(summary: dict) -> str:
         ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
     ]
     return "\n".join(f"{k:<10} {v}" for k, v in lines)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--address", help="Ray Jobs address, e.g. http://HEAD:8265 [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS].")
+@click.option("--working-dir", help="Folder to upload as the job's working directory.")
+@click.option("--runtime-env", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Ray runtime environment (JSON or YAML file).")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return; don't follow the job.")
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def submit(address, working_dir, runtime_env, no_wait, run_args):
+    """Run `bulkscore run RUN_ARGS...` as a job on a Ray cluster, following its logs.
+
+    Exits 0 only if the job succeeded.
+
+    Example: bulkscore submit --address http://head:8265 -- questions.jsonl -o /data/answers.parquet
+    """
+    from jobs import submit as jobs
+
+    try:
+        client = jobs.jobs_client(address)
+        job_id = jobs.submit(client, run_args, jobs.read_runtime_env(runtime_env, working_dir))
+        click.echo(f"Submitted job {job_id}", err=True)
+        if no_wait:
+            click.echo(job_id)
+            return
+        jobs.follow(client, job_id, lambda text: click.echo(text, nl=False))
+        status, message = jobs.final_status(client, job_id)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+    if status != "SUCCEEDED":
+        raise click.ClickException(f"job {job_id} {status.lower()}" + (f": {message}" if message else ""))
+    click.echo(f"Job {job_id} succeeded", err=True)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--address", help="Ray Jobs address [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS].")
+def status(job_id, address):
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from jobs import submit as jobs
+
+    try:
+        state, message = jobs.final_status(jobs.jobs_client(address), job_id)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{state}" + (f": {message}" if message else ""))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--address", help="Ray Jobs address [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS].")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+def logs(job_id, address, follow):
+    """Print a submitted job's logs."""
+    from jobs import submit as jobs
+
+    try:
+        client = jobs.jobs_client(address)
+        if follow:
+            jobs.follow(client, job_id, lambda text: click.echo(text, nl=False))
+        else:
+            click.echo(jobs.call(f"cannot read job {job_id}", client.get_job_logs, job_id), nl=False)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--address", help="Ray Jobs address [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS].")
+def stop(job_id, address):
+    """Stop a submitted job."""
+    from jobs import submit as jobs
+
+    try:
+        stopped = jobs.call(f"cannot stop job {job_id}", jobs.jobs_client(address).stop_job, job_id)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Stopped job {job_id}" if stopped else f"Job {job_id} had already ended")

@@ -39,10 +39,11 @@ def bind_to_loopback() -> None:
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None) -> Iterator[str]:
     """Connected to Ray for the block; a private instance listens on 127.0.0.1 with no dashboard.
 
     If this process is already connected (a notebook, a test), that connection is used and kept.
+    Yields where the job runs, in words.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if is_private(address):
@@ -50,7 +51,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     import ray
 
     if ray.is_initialized():
-        yield
+        yield f"the Ray instance at {ray.get_runtime_context().gcs_address}"
         return
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     try:
@@ -61,7 +62,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise JobError(f"cannot start or join Ray at {address or 'a private local instance'}: {error}") from None
     try:
-        yield
+        yield "a private local Ray instance" if is_private(address) else f"the Ray cluster at {address}"
     finally:
         ray.shutdown()
 

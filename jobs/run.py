@@ -101,11 +101,11 @@ def score_on_ray(
     from jobs.schedule import run_shards, start_workers
 
     samples = spec.scoring.generation.num_samples
-    with ray_session(options.address):
+    with ray_session(options.address) as where:
         pool = plan_pool(options.workers, options.cpus_per_worker, options.gpus_per_worker, len(todo))
         # Each worker's torch uses as many threads as the CPUs Ray gave it.
         model = replace(spec.model, threads=spec.model.threads or max(1, int(pool.cpus_per_worker)))
-        say(f"Starting {pool.workers} worker(s) with {spec.model_name} for {len(todo)} shard(s)...")
+        say(f"Starting {pool.workers} worker(s) with {spec.model_name} for {len(todo)} shard(s) on {where}...")
         gguf = embedded_gguf() if spec.model.kind == "embedded" else Path(spec.model.source)
         if spec.model.kind in ("embedded", "gguf") and not is_prepared(gguf):
             say(f"Converting {gguf.name} once into {cache_root()} (about 30 s)...")

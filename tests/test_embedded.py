@@ -22,7 +22,7 @@ def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Read 6 questions" in done.stderr
-    assert "Starting 1 worker(s) with SmolLM2-135M-Instruct for 2 shard(s)..." in done.stderr
+    assert "Starting 1 worker(s) with SmolLM2-135M-Instruct for 2 shard(s) on a private local Ray instance..." in done.stderr
     assert "6/6" in done.stderr  # the progress bar reached the end
     assert done.stdout.splitlines()[0] == "rows       6 (6 samples, 0 errors)"
 

@@ -1,0 +1,178 @@
+"""`bulkscore submit/status/logs/stop` against a Ray head started by the test, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from tests.helpers import QUESTIONS, descendants, write_jsonl
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_of(*marks: str) -> list[int]:
+    """Ray's processes for this head: their command lines name its temp dir or its GCS address."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if any(mark in args for mark in marks):
+                    pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def head():
+    """`ray start --head` with its dashboard (the Jobs API) on 127.0.0.1; stopped by process id."""
+    temp_dir = tempfile.mkdtemp(prefix="bs-", dir="/tmp")  # short: Ray's socket paths must fit
+    gcs, dashboard = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
+    env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{env.get('PATH', '')}"}
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    try:
+        yield {"jobs": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        pids = processes_of(temp_dir, f"127.0.0.1:{gcs} ")
+        pids += [child for pid in pids for child in descendants(pid)]
+        for pid in set(pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def jobs_api(head) -> str:
+    return head["jobs"]
+
+
+@pytest.fixture
+def token_auth(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+
+
+def bulkscore(*args):
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+@pytest.mark.usefixtures("token_auth")
+def test_submit_follows_the_job_and_writes_the_output(jobs_api, tiny_model, tmp_path):
+    head = jobs_api
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
+    output = tmp_path / "answers.parquet"
+    result = bulkscore("submit", "--address", head, "--", questions, "--model", tiny_model, "-o", output,
+                       "--max-new-tokens", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("Submitted job raysubmit_")
+    assert result.stderr.rstrip().endswith("succeeded")
+    assert "rows       3 (3 samples, 0 errors)" in result.stdout  # the job's own output, streamed
+    assert pq.read_table(output).column("id").to_pylist() == [q["id"] for q in QUESTIONS[:3]]
+
+
+@pytest.mark.usefixtures("token_auth")
+def test_a_failed_job_makes_submit_fail_with_its_error(jobs_api, tmp_path):
+    head = jobs_api
+    result = bulkscore("submit", "--address", head, "--", tmp_path / "missing.jsonl", "-o", tmp_path / "a.parquet")
+    assert result.exit_code == 1
+    assert f"Error: {tmp_path / 'missing.jsonl'}: no such file or folder" in result.stdout  # the job's log
+    assert "Error: job raysubmit_" in result.stderr and " failed: " in result.stderr
+
+
+@pytest.mark.usefixtures("token_auth")
+def test_no_wait_then_status_logs_and_stop(jobs_api, tiny_model, tmp_path):
+    head = jobs_api
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    quick = bulkscore("submit", "--address", head, "--no-wait", "--", questions, "--model", tiny_model,
+                      "-o", tmp_path / "a.parquet", "--max-new-tokens", "4", "--quiet")
+    assert quick.exit_code == 0, quick.output
+    job_id = quick.stdout.strip()
+    assert job_id.startswith("raysubmit_")
+    follow = bulkscore("logs", job_id, "--address", head, "--follow")
+    assert follow.exit_code == 0 and "rows       2 (2 samples, 0 errors)" in follow.stdout
+    assert bulkscore("status", job_id, "--address", head).stdout.startswith("SUCCEEDED")
+    assert "rows       2 (2 samples, 0 errors)" in bulkscore("logs", job_id, "--address", head).stdout
+
+    slow = bulkscore("submit", "--address", head, "--no-wait", "--", write_jsonl(tmp_path / "many.jsonl", QUESTIONS * 50),
+                     "--model", tiny_model, "-o", tmp_path / "b.parquet", "--max-new-tokens", "64", "--shard-size", "8")
+    job_id = slow.stdout.strip()
+    deadline = time.monotonic() + 60
+    while not bulkscore("status", job_id, "--address", head).stdout.startswith("RUNNING") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stopped = bulkscore("stop", job_id, "--address", head)
+    assert (stopped.exit_code, stopped.stdout) == (0, f"Stopped job {job_id}\n")
+    while not bulkscore("status", job_id, "--address", head).stdout.startswith("STOPPED") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert bulkscore("status", job_id, "--address", head).stdout.startswith("STOPPED")
+
+
+def test_wrong_token_and_missing_address_are_clear(jobs_api, monkeypatch):
+    head = jobs_api
+    # Ray caches the token per process, so a wrong one is tried in a fresh process.
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token"}
+    wrong = subprocess.run([str(BIN / "bulkscore"), "status", "raysubmit_x", "--address", head],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1
+    assert wrong.stderr.startswith(f"Error: cannot use the Ray Jobs API at {head}: Authentication failed: "
+                                   "Forbidden: Invalid authentication token")
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    missing = bulkscore("status", "raysubmit_x")
+    assert (missing.exit_code, missing.stderr) == (
+        1, "Error: no Ray Jobs address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS\n")
+    unknown = bulkscore("status", "raysubmit_x", "--address", head)
+    assert (unknown.exit_code, unknown.stderr) == (
+        1, "Error: cannot read job raysubmit_x: Request failed with status code 404: Job raysubmit_x does not exist.\n")
+
+
+def test_run_joins_a_cluster_by_address(head, tiny_model, tmp_path):
+    """`run --address HOST:PORT` uses that cluster's workers, not a private instance."""
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
+    output = tmp_path / "answers.parquet"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
+    done = subprocess.run([str(BIN / "bulkscore"), "run", str(questions), "--model", str(tiny_model), "-o", str(output),
+                           "--max-new-tokens", "4", "--address", head["gcs"]],
+                          env=env | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"for 1 shard(s) on the Ray cluster at {head['gcs']}..." in done.stderr
+    assert pq.read_table(output).column("error").to_pylist() == [None] * 3
+
+
+def test_one_worker_per_gpu_by_default(monkeypatch):
+    import ray
+
+    from jobs.cluster import PoolPlan, plan_pool
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
+    assert plan_pool(None, None, None, shards=100) == PoolPlan(workers=4, cpus_per_worker=1.0, gpus_per_worker=1.0)
+    assert plan_pool(None, None, 0.5, shards=100) == PoolPlan(workers=8, cpus_per_worker=1.0, gpus_per_worker=0.5)
+    assert plan_pool(None, None, None, shards=2).workers == 2  # never more workers than shards
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    assert plan_pool(None, None, None, shards=100) == PoolPlan(workers=4, cpus_per_worker=4.0, gpus_per_worker=0.0)
