@@ -13,6 +13,7 @@ import click
 from jobs.errors import JobError
 from jobs.gather import summary_path
 from jobs.parts import parts_folder
+from jobs.storage import locate
 from jobs.questions import Columns, bundled_questions, load_questions
 from jobs.run import RunOptions, run_job
 from jobs.settings import JobSpec, check_remote_code, resolve_model
@@ -51,7 +52,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("answers.parquet"), show_default=True, help="Output Parquet file.")
+@click.option("-o", "--output", default="answers.parquet", show_default=True, help="Output Parquet file: a path, or a filesystem URI such as s3://bucket/answers.parquet.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or the checkpoints of another job.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N rows.")
 @click.option("--keep-parts", is_flag=True, help="Keep OUTPUT.parts/ (the per-shard checkpoints) after merging.")
@@ -99,7 +100,7 @@ def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_co
         check_remote_code(source, kind, trust_remote_code)
         spec = JobSpec(
             inputs=tuple(str(p) for p in inputs) or ("(bundled unit conversions)",),
-            output=output,
+            output=locate(output),
             model=ModelSpec(source, kind, dtype, device, trust_remote_code),
             scoring=ScoringSettings(
                 PromptSettings(prompt_format, system),
@@ -118,22 +119,19 @@ def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_co
     except JobError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted. Finished shards are kept in {parts_folder(output)}: run the same "
+        click.echo(f"\nInterrupted. Finished shards are kept in {parts_folder(spec.output)}: run the same "
                    "command again to resume.", err=True)
         sys.exit(130)
     if report.already_finished:
         click.echo(f"{output} already holds this job's results (use --overwrite to score again).")
     click.echo(summary_table(report.summary))
-    click.echo(f"Wrote {output} and {summary_path(output)}")
+    click.echo(f"Wrote {output} and {summary_path(spec.output)}")
 
 
 def check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples, answer_regex, stop):
     """Refuse impossible combinations before any work (exit 2)."""
-    if output.is_dir():
-        raise click.BadParameter(f"{output} is a folder; give a file path such as {output / 'answers.parquet'}", param_hint="--output")
-    folder = next((p for p in output.absolute().parents if p.exists()), None)
-    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"cannot write {output}: {folder} is not a writable folder", param_hint="--output")
+    if "://" not in output:
+        check_local_output(Path(output))
     if min_new_tokens > max_new_tokens:
         raise click.BadParameter(f"{min_new_tokens} is more than --max-new-tokens {max_new_tokens}", param_hint="--min-new-tokens")
     if num_samples > 1 and temperature == 0:
@@ -144,6 +142,14 @@ def check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples
         raise click.BadParameter(f"not a valid regular expression: {error}", param_hint="--answer-regex") from None
     if any(s == "" for s in stop):
         raise click.BadParameter("a stop string cannot be empty", param_hint="--stop")
+
+
+def check_local_output(output: Path) -> None:
+    if output.is_dir():
+        raise click.BadParameter(f"{output} is a folder; give a file path such as {output / 'answers.parquet'}", param_hint="--output")
+    folder = next((p for p in output.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {output}: {folder} is not a writable folder", param_hint="--output")
 
 
 def summary_table(summary: dict) -> str:

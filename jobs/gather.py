@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from jobs.parts import write_atomic
+from jobs.storage import Location
 from workers.contract import RESULT_SCHEMA
 
 SETTINGS_KEY = b"bulkscore.settings"
@@ -25,8 +23,9 @@ def output_schema(id_type: pa.DataType) -> pa.Schema:
     return pa.schema(head + [f for f in RESULT_SCHEMA if f.name not in ("row", "sample")])
 
 
-def summary_path(output: Path) -> Path:
-    return output.with_suffix(".summary.json") if output.suffix == ".parquet" else output.with_name(output.name + ".summary.json")
+def summary_path(output: Location) -> Location:
+    stem = output.name.removesuffix(".parquet")
+    return output.sibling(stem + ".summary.json")
 
 
 def shard_rows(questions: pa.Table, result: pa.Table) -> pa.Table:
@@ -91,18 +90,17 @@ def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> 
     } | extra | {"versions": versions()}
 
 
-def write_output(table: pa.Table, output: Path, settings: dict, summary: dict) -> None:
+def write_output(table: pa.Table, output: Location, settings: dict, summary: dict) -> None:
     """OUTPUT and its summary JSON, each written whole or not at all."""
     metadata = {SETTINGS_KEY: json.dumps(settings).encode(), SUMMARY_KEY: json.dumps(summary).encode()}
-    table = table.replace_schema_metadata(metadata)
-    write_atomic(output, lambda tmp: pq.write_table(table, tmp))
-    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    output.write_table(table.replace_schema_metadata(metadata))
+    summary_path(output).write_bytes((json.dumps(summary, indent=2) + "\n").encode())
 
 
-def read_finished(output: Path) -> tuple[dict, dict] | None:
+def read_finished(output: Location) -> tuple[dict, dict] | None:
     """(settings, summary) of a finished OUTPUT, or None if OUTPUT is not one of ours."""
     try:
-        metadata = pq.read_schema(output).metadata or {}
+        metadata = output.read_schema().metadata or {}
     except (OSError, pa.ArrowException):
         return None
     if SETTINGS_KEY not in metadata or SUMMARY_KEY not in metadata:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs.errors import JobError
+from jobs.storage import Location
 from workers.contract import ModelSpec, ScoringSettings
 from workers.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_gguf
 
@@ -17,7 +18,7 @@ from workers.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_gguf
 @dataclass(frozen=True)
 class JobSpec:
     inputs: tuple[str, ...]
-    output: Path
+    output: Location
     model: ModelSpec
     scoring: ScoringSettings
     shard_size: int

@@ -22,6 +22,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from jobs.questions import load_questions  # noqa: E402
 from jobs.run import RunOptions, run_job  # noqa: E402
 from jobs.settings import JobSpec  # noqa: E402
+from jobs.storage import locate  # noqa: E402
 from tests.helpers import QUESTIONS, descendants, write_jsonl  # noqa: E402
 from workers.contract import (  # noqa: E402
     GenerationSettings,
@@ -49,7 +50,7 @@ def main() -> None:
 
     rows = [{"id": i, "question": f"{q['question']} ({i})", "answer": q["answer"]} for i, q in enumerate(QUESTIONS * 6)]
     questions = load_questions([write_jsonl(output.with_suffix(".jsonl"), rows)])
-    spec = JobSpec(("q",), output, ModelSpec(model, "folder", dtype="float32", device="cpu"),
+    spec = JobSpec(("q",), locate(str(output)), ModelSpec(model, "folder", dtype="float32", device="cpu"),
                    ScoringSettings(PromptSettings(), GenerationSettings(max_new_tokens=16), GradingSettings()),
                    shard_size=4, limit=None)
     reports: list = []

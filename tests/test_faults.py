@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,12 +81,15 @@ def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
     table = pq.read_table(output).to_pydict()
     assert table["id"] == [q["id"] for q in rows]
     errors = table["error"]
-    assert errors[3].startswith("worker died: 4 workers died running this row (last: ")
+    # 3 deaths as a whole shard, 1 as a lone row; a death can be pinned on an innocent shard once
+    # if a finished result was lost with its worker, which costs one more death, never a row.
+    deaths = re.match(r"worker died: (\d+) workers died running this row \(last: ", errors[3])
+    assert deaths and int(deaths.group(1)) >= 4, errors
     assert errors[:3] + errors[4:] == [None] * 5, errors  # its shard-mate (row 2) was scored too
     assert table["completion"][2] is not None and table["finish_reason"][3] == "error"
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert summary["errors"] == 1 and summary["error_kinds"] == {"worker died": 1}
-    assert summary["worker_deaths"] == 4
+    assert summary["worker_deaths"] >= 4
     # (Ray's raylet also reports each death on stdout, before the summary.)
     assert "rows       6 (6 samples, 1 errors)" in result.stdout.splitlines()
 

@@ -10,6 +10,7 @@ import pytest
 from jobs.errors import InputError
 from jobs.questions import Columns, bundled_questions, load_questions
 from jobs.settings import JobSpec, fingerprint
+from jobs.storage import locate
 from workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
 from tests.helpers import QUESTIONS, write_jsonl
 
@@ -41,7 +42,7 @@ def test_four_formats_give_identical_rows(tmp_path):
         assert table.to_pydict() == expected, name
         assert table.schema == pa.schema([("id", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
     # The same rows make the same job, whatever file they came from: resume and --overwrite agree.
-    spec = JobSpec(("x",), Path("a.parquet"), ModelSpec("", "embedded"),
+    spec = JobSpec(("x",), locate("a.parquet"), ModelSpec("", "embedded"),
                    ScoringSettings(PromptSettings(), GenerationSettings(), GradingSettings()), 64, None)
     assert len({fingerprint(spec, table) for table in tables.values()}) == 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from workers.contract import ShardTask
 
@@ -17,4 +18,6 @@ CRASH_ON_QUESTION = "BULKSCORE_CRASH_ON_QUESTION"
 def crash_if_asked(task: ShardTask) -> None:
     needle = os.environ.get(CRASH_ON_QUESTION)
     if needle and any(needle in (q or "") for q in task.rows.column("question").to_pylist()):
+        # Die a moment into the work, as a real crash does, not before the last reply is sent.
+        time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
