@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 QUESTIONS = [
@@ -51,3 +55,52 @@ def kill_job(job: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     job.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_of(*marks: str) -> list[int]:
+    """Processes whose command line holds one of `marks` (a Ray head's temp dir or GCS address)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if any(mark in args for mark in marks):
+                    pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def start_head() -> dict:
+    """`ray start --head` on 127.0.0.1 with its dashboard (the Ray Jobs API); returns its addresses."""
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="bs-", dir="/tmp")  # short: Ray's socket paths must fit
+    gcs, dashboard = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
+    env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{bin_dir}:{env.get('PATH', '')}"}
+    subprocess.run(
+        [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    return {"jobs": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
+
+
+def stop_head(head: dict) -> None:
+    """Stop a head from start_head by process id (never `ray stop`, which stops every Ray here)."""
+    pids = processes_of(head["temp_dir"], head["gcs"] + " ")
+    pids += [child for pid in pids for child in descendants(pid)]
+    for pid in set(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(head["temp_dir"], ignore_errors=True)

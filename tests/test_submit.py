@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,56 +13,19 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tests.helpers import QUESTIONS, descendants, write_jsonl
+from tests.helpers import QUESTIONS, start_head, stop_head, write_jsonl
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_of(*marks: str) -> list[int]:
-    """Ray's processes for this head: their command lines name its temp dir or its GCS address."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit():
-                args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if any(mark in args for mark in marks):
-                    pids.append(int(proc.name))
-        except OSError:
-            pass
-    return pids
 
 
 @pytest.fixture(scope="module")
 def head():
     """`ray start --head` with its dashboard (the Jobs API) on 127.0.0.1; stopped by process id."""
-    temp_dir = tempfile.mkdtemp(prefix="bs-", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dashboard = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
-    env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{env.get('PATH', '')}"}
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-         "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )
+    started = start_head()
     try:
-        yield {"jobs": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
+        yield started
     finally:
-        pids = processes_of(temp_dir, f"127.0.0.1:{gcs} ")
-        pids += [child for pid in pids for child in descendants(pid)]
-        for pid in set(pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(started)
 
 
 @pytest.fixture
