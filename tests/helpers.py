@@ -81,17 +81,18 @@ def start_head() -> dict:
     """`ray start --head` on 127.0.0.1 with its dashboard (the Ray Jobs API); returns its addresses."""
     bin_dir = Path(sys.executable).parent
     temp_dir = tempfile.mkdtemp(prefix="bs-", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, client = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
     env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{bin_dir}:{env.get('PATH', '')}"}
     subprocess.run(
         [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=120,
     )
-    return {"jobs": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
+    return {"jobs": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}",
+            "client": f"ray://127.0.0.1:{client}", "temp_dir": temp_dir}
 
 
 def stop_head(head: dict) -> None:

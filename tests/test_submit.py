@@ -92,7 +92,7 @@ def test_no_wait_then_status_logs_and_stop(jobs_api, tiny_model, tmp_path):
     assert bulkscore("status", job_id, "--address", head).stdout.startswith("STOPPED")
 
 
-def test_wrong_token_and_missing_address_are_clear(jobs_api, monkeypatch):
+def test_wrong_token_and_missing_address_are_clear(jobs_api, monkeypatch, tmp_path):
     head = jobs_api
     # Ray caches the token per process, so a wrong one is tried in a fresh process.
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token"}
@@ -101,6 +101,14 @@ def test_wrong_token_and_missing_address_are_clear(jobs_api, monkeypatch):
     assert wrong.returncode == 1
     assert wrong.stderr.startswith(f"Error: cannot use the Ray Jobs API at {head}: Authentication failed: "
                                    "Forbidden: Invalid authentication token")
+    home = tmp_path / "home"  # no ~/.ray/auth_token there
+    home.mkdir()
+    no_token = subprocess.run([str(BIN / "bulkscore"), "status", "raysubmit_x", "--address", head],
+                              env={k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(home)},
+                              capture_output=True, text=True, timeout=60)
+    assert no_token.returncode == 1
+    assert no_token.stderr.startswith(
+        f"Error: cannot use the Ray Jobs API at {head}: Token authentication is enabled but Ray couldn't find a")
     for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     missing = bulkscore("status", "raysubmit_x")
@@ -111,17 +119,34 @@ def test_wrong_token_and_missing_address_are_clear(jobs_api, monkeypatch):
         1, "Error: cannot read job raysubmit_x: Request failed with status code 404: Job raysubmit_x does not exist.\n")
 
 
-def test_run_joins_a_cluster_by_address(head, tiny_model, tmp_path):
-    """`run --address HOST:PORT` uses that cluster's workers, not a private instance."""
+@pytest.mark.parametrize("kind", ["gcs", "client"])
+def test_run_joins_a_cluster_by_address(head, tiny_model, tmp_path, kind):
+    """`run --address HOST:PORT` (or ray://HOST:PORT) uses that cluster, not a private instance."""
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
     output = tmp_path / "answers.parquet"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
     done = subprocess.run([str(BIN / "bulkscore"), "run", str(questions), "--model", str(tiny_model), "-o", str(output),
-                           "--max-new-tokens", "4", "--address", head["gcs"]],
+                           "--max-new-tokens", "4", "--address", head[kind]],
                           env=env | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"for 1 shard(s) on the Ray cluster at {head['gcs']}..." in done.stderr
+    assert f"for 1 shard(s) on the Ray cluster at {head[kind]}..." in done.stderr
     assert pq.read_table(output).column("error").to_pylist() == [None] * 3
+
+
+@pytest.mark.usefixtures("token_auth")
+def test_runtime_env_and_working_dir_reach_the_job(jobs_api, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    (tmp_path / "work").mkdir()
+    write_jsonl(tmp_path / "work" / "q.jsonl", QUESTIONS[:1])
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_vars:\n  BULKSCORE_CACHE: /tmp/bulkscore-job-cache\n")
+    result = bulkscore("submit", "--address", jobs_api, "--no-wait", "--working-dir", tmp_path / "work",
+                       "--runtime-env", env_file, "--", "q.jsonl", "--model", "./no-model")  # ends at once
+    assert result.exit_code == 0, result.output
+    runtime_env = JobSubmissionClient(jobs_api).get_job_info(result.stdout.strip()).runtime_env
+    assert runtime_env["env_vars"] == {"BULKSCORE_CACHE": "/tmp/bulkscore-job-cache"}
+    assert runtime_env["working_dir"].startswith("gcs://")  # uploaded from tmp_path/work
 
 
 def test_one_worker_per_gpu_by_default(monkeypatch):
