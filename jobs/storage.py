@@ -102,6 +102,6 @@ def locate(text: str) -> Location:
         return Location(pafs.LocalFileSystem(), os.path.abspath(text), text)
     try:
         fs, path = pafs.FileSystem.from_uri(text)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+    except (pa.ArrowException, OSError) as error:
         raise JobError(f"--output {text}: not a usable filesystem URI ({error})") from None
     return Location(fs, path, text)
