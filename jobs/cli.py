@@ -6,6 +6,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -27,6 +29,15 @@ from workers.contract import (
     ScoringSettings,
 )
 from workers.prompts import PROMPT_FORMATS
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """A JobError becomes `Error: ...` on stderr and exit 1, never a traceback."""
+    try:
+        yield
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
 
 
 class BatchSize(click.ParamType):
@@ -186,7 +197,7 @@ def submit(address, working_dir, runtime_env, no_wait, run_args):
     """
     from jobs import submit as jobs
 
-    try:
+    with reported():
         client = jobs.jobs_client(address)
         job_id = jobs.submit(client, run_args, jobs.read_runtime_env(runtime_env, working_dir))
         click.echo(f"Submitted job {job_id}", err=True)
@@ -195,8 +206,6 @@ def submit(address, working_dir, runtime_env, no_wait, run_args):
             return
         jobs.follow(client, job_id, lambda text: click.echo(text, nl=False))
         status, message = jobs.final_status(client, job_id)
-    except JobError as error:
-        raise click.ClickException(str(error)) from None
     if status != "SUCCEEDED":
         raise click.ClickException(f"job {job_id} {status.lower()}" + (f": {message}" if message else ""))
     click.echo(f"Job {job_id} succeeded", err=True)
@@ -209,10 +218,8 @@ def status(job_id, address):
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from jobs import submit as jobs
 
-    try:
+    with reported():
         state, message = jobs.final_status(jobs.jobs_client(address), job_id)
-    except JobError as error:
-        raise click.ClickException(str(error)) from None
     click.echo(f"{state}" + (f": {message}" if message else ""))
 
 
@@ -224,14 +231,12 @@ def logs(job_id, address, follow):
     """Print a submitted job's logs."""
     from jobs import submit as jobs
 
-    try:
+    with reported():
         client = jobs.jobs_client(address)
         if follow:
             jobs.follow(client, job_id, lambda text: click.echo(text, nl=False))
         else:
             click.echo(jobs.call(f"cannot read job {job_id}", client.get_job_logs, job_id), nl=False)
-    except JobError as error:
-        raise click.ClickException(str(error)) from None
 
 
 @cli.command()
@@ -241,8 +246,6 @@ def stop(job_id, address):
     """Stop a submitted job."""
     from jobs import submit as jobs
 
-    try:
+    with reported():
         stopped = jobs.call(f"cannot stop job {job_id}", jobs.jobs_client(address).stop_job, job_id)
-    except JobError as error:
-        raise click.ClickException(str(error)) from None
     click.echo(f"Stopped job {job_id}" if stopped else f"Job {job_id} had already ended")
