@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 from jobs.errors import JobError
 
 DEFAULT_CPUS_PER_WORKER = 4
+# A ray:// head starts one server process per client; that start fails now and then with empty
+# logs (seen about once in eight connections on a busy 2-core machine), and a new try succeeds.
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_START_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -54,13 +59,18 @@ def ray_session(address: str | None) -> Iterator[str]:
         yield f"the Ray instance at {ray.get_runtime_context().gcs_address}"
         return
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        if is_private(address):
-            ray.init(address="local", include_dashboard=False, **quiet)
-        else:
-            ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise JobError(f"cannot start or join Ray at {address or 'a private local instance'}: {error}") from None
+    for attempt in range(1, CLIENT_START_TRIES + 1):
+        try:
+            if is_private(address):
+                ray.init(address="local", include_dashboard=False, **quiet)
+            else:
+                ray.init(address=address, **quiet)
+            break
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            ray.shutdown()
+            if attempt == CLIENT_START_TRIES or CLIENT_SERVER_FAILED not in str(error):
+                raise JobError(f"cannot start or join Ray at {address or 'a private local instance'}: {error}") from None
+            time.sleep(attempt)
     try:
         yield "a private local Ray instance" if is_private(address) else f"the Ray cluster at {address}"
     finally:

@@ -1,9 +1,13 @@
-"""Pure functions of both sides: shard plan, batch plan, answer parsing and grading."""
+"""Small units of both sides, without a model or a Ray instance: shard plan, batch plan, answer
+parsing and grading, joining Ray."""
 
 import re
+import time
 
 import pytest
 
+from jobs.cluster import ray_session
+from jobs.errors import JobError
 from jobs.shards import Shard, plan_shards
 from workers.answers import grade, is_close, parse_answer, parse_number
 from workers.batching import plan_batches
@@ -60,3 +64,43 @@ def test_grade_follows_the_homework_rule(answer, reference, expected):
 def test_is_close_rounds_to_three_decimals():
     assert is_close(1.0004, 1.0, 0.0001) is True  # both round to 1.0: difference 0 < 0.0001
     assert is_close(1.0006, 1.0, 0.0001) is False
+
+
+def fake_ray_init(monkeypatch, errors: list[Exception]) -> list[str]:
+    """ray.init raising each of `errors` in turn, then connecting; returns the addresses it was given."""
+    import ray
+
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    return calls
+
+
+def test_a_client_server_that_fails_to_start_is_tried_again(monkeypatch):
+    flaky = ConnectionError("Initialization failure from server:\nRuntimeError: Starting Ray client server failed.")
+    calls = fake_ray_init(monkeypatch, [flaky, flaky])
+    with ray_session("ray://127.0.0.1:10001") as where:
+        assert where == "the Ray cluster at ray://127.0.0.1:10001"
+    assert calls == ["ray://127.0.0.1:10001"] * 3
+
+
+def test_other_connection_errors_and_a_third_failure_are_reported_at_once(monkeypatch):
+    calls = fake_ray_init(monkeypatch, [ConnectionError("no route to host")])
+    with pytest.raises(JobError, match="cannot start or join Ray at ray://h:1: no route to host"):
+        with ray_session("ray://h:1"):
+            pass
+    assert len(calls) == 1
+    flaky = ConnectionError("Starting Ray client server failed.")
+    calls = fake_ray_init(monkeypatch, [flaky] * 3)
+    with pytest.raises(JobError, match="Starting Ray client server failed"):
+        with ray_session("ray://h:1"):
+            pass
+    assert len(calls) == 3
