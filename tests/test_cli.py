@@ -73,12 +73,16 @@ def test_run_writes_the_contract(tiny_model, questions, tmp_path):
     assert not output.with_name("answers.parquet.parts").exists()
 
 
+SAMPLING = ("--temperature", "0.8", "--top-p", "0.9", "--num-samples", "3", "--seed", "11")
+
+
 @pytest.mark.usefixtures("ray_instance")
-def test_results_do_not_depend_on_shard_size_batch_size_or_workers(tiny_model, questions, tmp_path):
+@pytest.mark.parametrize("decoding", [(), SAMPLING], ids=["greedy", "seeded-samples"])
+def test_results_do_not_depend_on_shard_size_batch_size_or_workers(tiny_model, questions, tmp_path, decoding):
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    assert run_tiny(tiny_model, questions, a, "--shard-size", "3", "--batch-size", "1").exit_code == 0
+    assert run_tiny(tiny_model, questions, a, "--shard-size", "3", "--batch-size", "1", *decoding).exit_code == 0
     result = run_tiny(tiny_model, questions, b, "--shard-size", "5", "--batch-size", "8",
-                      "--workers", "2", "--cpus-per-worker", "1")
+                      "--workers", "2", "--cpus-per-worker", "1", *decoding)
     assert result.exit_code == 0, result.output
     ta, tb = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()
     assert ta["completion"] == tb["completion"]

@@ -18,6 +18,7 @@ from workers.contract import (
     ScoringSettings,
     ShardTask,
 )
+from workers.generation import SeededGumbel
 from workers.models import load_model
 from workers.scoring import score_shard
 
@@ -114,6 +115,41 @@ def test_samples_expand_each_row(lm):
     rows = score_shard(lm, task(QUESTIONS[:2]), s).to_pylist()
     assert [(r["row"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert len({r["completion"] for r in rows}) > 1
+
+
+def sampled(**generation) -> ScoringSettings:
+    return settings(**({"temperature": 1.0, "top_p": 0.95, "num_samples": 3, "seed": 5} | generation))
+
+
+def test_seeded_samples_do_not_depend_on_batch_or_shard(lm):
+    """Each (row, sample) draws its own noise: batch size and where the shard starts change nothing."""
+    whole = score_shard(lm, task(QUESTIONS), sampled(batch_size=24)).to_pydict()
+    alone = score_shard(lm, task(QUESTIONS), sampled(batch_size=1)).to_pydict()
+    assert alone["completion"] == whole["completion"]
+    assert alone["completion_loss"] == pytest.approx(whole["completion_loss"], abs=1e-4)
+    # Rows 3..7 as a shard of their own, in batches of two: the same rows get the same samples.
+    tail = score_shard(lm, task(QUESTIONS[3:], start=3), sampled(batch_size=2)).to_pydict()
+    assert tail["completion"] == whole["completion"][9:]
+    # The samples of a row differ, and another seed draws others.
+    assert len(set(whole["completion"][:3])) == 3
+    other = score_shard(lm, task(QUESTIONS), sampled(seed=6)).to_pydict()
+    assert other["completion"] != whole["completion"]
+
+
+def test_sampling_keeps_only_the_top_p_tokens(lm):
+    """With a nucleus of one token (or a near-zero temperature) every sample is the greedy completion."""
+    greedy = score_shard(lm, task(QUESTIONS[:3]), settings()).column("completion").to_pylist()
+    nucleus = score_shard(lm, task(QUESTIONS[:3]), sampled(top_p=1e-6)).column("completion").to_pylist()
+    cold = score_shard(lm, task(QUESTIONS[:3]), sampled(temperature=1e-6)).column("completion").to_pylist()
+    assert nucleus == cold == [c for c in greedy for _ in range(3)]
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    """The noise SeededGumbel adds turns argmax into a draw from softmax(scores)."""
+    scores = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]]))
+    draws = [SeededGumbel([seed], torch.device("cpu"))(None, scores).argmax().item() for seed in range(4000)]
+    frequencies = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert frequencies.tolist() == pytest.approx([0.6, 0.3, 0.1, 0.0], abs=0.03)
 
 
 def test_raw_prompt_is_the_question_with_the_tokenizers_own_special_tokens(lm):

@@ -1,11 +1,19 @@
-"""Batched generation: left-padded prompts through `generate`, trimmed at EOS and stop strings."""
+"""Batched generation: left-padded prompts through `generate`, trimmed at EOS and stop strings.
+
+Sampling is seeded per row, not per batch: each (row, sample) draws its noise from its own generator,
+seeded by (seed, row, sample), and picks its token by Gumbel-max over the temperature- and
+top-p-filtered logits. That is an exact draw from the filtered distribution, and it does not depend
+on which other rows share the batch, the shard or the worker (like vLLM's per-request seed).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from workers.contract import GenerationSettings
 from workers.models import LoadedModel
@@ -20,23 +28,58 @@ class Generated:
     nll: float | None = None  # mean NLL of token_ids given the prompt, from generation's own logits
 
 
-def generation_kwargs(settings: GenerationSettings, lm: LoadedModel) -> dict:
-    """Every knob spelled out, so a model's own generation_config cannot change the job."""
+def sample_seed(seed: int, row: int, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{row}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class SeededGumbel(LogitsProcessor):
+    """Adds each row's own Gumbel noise to its scores, so that the argmax is that row's sample.
+
+    Row i's noise at step t is the t-th draw of a generator seeded by its key alone.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        uniform = torch.stack([
+            torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators
+        ])
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
+        return scores.float() + gumbel
+
+
+def sampling_processors(settings: GenerationSettings, seeds: Sequence[int], device: torch.device) -> LogitsProcessorList:
+    processors = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
+    if settings.top_p < 1:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    processors.append(SeededGumbel(seeds, device))
+    return processors
+
+
+def generation_kwargs(settings: GenerationSettings, lm: LoadedModel, seeds: Sequence[int] = ()) -> dict:
+    """Every knob spelled out, so a model's own generation_config cannot change the job.
+
+    Sampling runs as greedy search over noised scores (see SeededGumbel), never generate's own RNG.
+    """
     kwargs = dict(
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens,
-        do_sample=not settings.greedy,
+        do_sample=False,
         num_beams=1,
         repetition_penalty=1.0,
+        temperature=None,
+        top_p=None,
+        top_k=None,
         eos_token_id=list(lm.eos_token_ids),
         pad_token_id=lm.pad_token_id,
         return_dict_in_generate=True,
         output_logits=True,  # the raw logits of each step: completion_loss without a second pass
     )
     if not settings.greedy:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(logits_processor=sampling_processors(settings, seeds, lm.device))
     if settings.stop:
         kwargs.update(stop_strings=list(settings.stop), tokenizer=lm.tokenizer)
     return kwargs
@@ -66,12 +109,12 @@ def trim_completion(
 
 
 def generate_batch(
-    lm: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seed: int
+    lm: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int] = ()
 ) -> list[Generated]:
+    """One Generated per prompt; `seeds` (one per prompt, from sample_seed) when sampling."""
     ids, mask = pad_batch(prompts, lm.pad_token_id, "left", lm.device)  # [B, T]
-    if not settings.greedy:
-        torch.manual_seed(seed)
-    out = lm.model.generate(input_ids=ids, attention_mask=mask, **generation_kwargs(settings, lm))
+    kwargs = generation_kwargs(settings, lm, seeds)
+    out = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out.sequences[:, ids.shape[1] :]  # [B, S], S <= max_new_tokens
     step_nll = token_nll(out.logits, new)  # [B, S]
     rows = [trim_completion(row, lm, settings) for row in new.tolist()]

@@ -17,7 +17,7 @@ import torch
 from workers.answers import grade, parse_answer, parse_number
 from workers.batching import AUTO_MAX_ROWS, AUTO_TOKEN_BUDGET, plan_batches
 from workers.contract import RESULT_SCHEMA, ScoringSettings, ShardTask
-from workers.generation import Generated, generate_batch
+from workers.generation import Generated, generate_batch, sample_seed
 from workers.losses import span_nll
 from workers.models import LoadedModel
 from workers.prompts import encode_text, format_prompt
@@ -79,20 +79,17 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
             )
 
 
-def batch_seed(seed: int, shard: int, batch: int) -> int:
-    return (seed * 1_000_003 + shard * 10_007 + batch) % 2**63
-
-
-def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings, shard: int) -> None:
+def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
     todo = [item for item in items if item.error is None]
     gen = settings.generation
     max_rows = gen.batch_size or AUTO_MAX_ROWS
     budget = AUTO_TOKEN_BUDGET if gen.batch_size is None else 2**62
     batches = plan_batches([len(item.prompt_ids) for item in todo], gen.max_new_tokens, max_rows, budget)
-    for number, batch in enumerate(batches):
+    for batch in batches:
         members = [todo[i] for i in batch]
-        seed = batch_seed(gen.seed, shard, number)
-        run = lambda xs: generate_batch(lm, [x.prompt_ids for x in xs], gen, seed)  # noqa: E731
+        run = lambda xs: generate_batch(  # noqa: E731
+            lm, [x.prompt_ids for x in xs], gen, [sample_seed(gen.seed, x.row, x.sample) for x in xs]
+        )
         for item, result in zip(members, per_row_fallback(run, members)):
             if isinstance(result, BaseException):
                 item.error = f"generation failed: {describe(result)}"
@@ -173,6 +170,6 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> 
     ]
     with torch.inference_mode():
         prepare_prompts(lm, items, settings)
-        generate_items(lm, items, settings, task.index)
+        generate_items(lm, items, settings)
         losses = score_losses(lm, items, settings)
     return result_table(items, losses, settings)
