@@ -13,19 +13,19 @@ from pathlib import Path
 import click
 
 from jobs.errors import JobError
+from jobs.export import EXPORT_FORMATS, export_answers
 from jobs.gather import summary_path
 from jobs.parts import parts_folder
 from jobs.storage import locate
 from jobs.questions import Columns, bundled_questions, load_questions
 from jobs.run import RunOptions, run_job
-from jobs.settings import JobSpec, check_remote_code, resolve_model
+from jobs.settings import JobSpec, check_remote_code, prompt_settings, resolve_adapter, resolve_model
 from jobs.shards import DEFAULT_SHARD_SIZE
 from workers.contract import (
     DEFAULT_ANSWER_REGEX,
     GenerationSettings,
     GradingSettings,
     ModelSpec,
-    PromptSettings,
     ScoringSettings,
 )
 from workers.prompts import PROMPT_FORMATS
@@ -74,8 +74,10 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own code to run.")
-@click.option("--prompt-format", type=click.Choice(PROMPT_FORMATS), default="chat", show_default=True, help="raw: the question as is; chat: the tokenizer's chat template.")
-@click.option("--system", help="System message for the chat format.")
+@click.option("--adapter", help="PEFT LoRA adapter folder, applied on top of --model (its own base-model field is ignored).")
+@click.option("--prompt-format", type=click.Choice(PROMPT_FORMATS), default="chat", show_default=True, help="raw: the question as is; chat: the tokenizer's chat template; cot: chat with an instruction to reason briefly and answer in <answer></answer>, after worked examples.")
+@click.option("--system", help="System message (chat); replaces the instruction (cot).")
+@click.option("--examples", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Worked examples for cot: question/answer-text pairs (JSONL, JSON or Parquet) [default: bundled].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--min-new-tokens", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
@@ -93,7 +95,7 @@ def cli() -> None:
 @click.option("--batch-size", type=BatchSize(), default="auto", show_default=True, help="Rows per generation batch; auto fits a token budget.")
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary still prints.")
 def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_column, id_column,
-        model_name, dtype, device, trust_remote_code, prompt_format, system, max_new_tokens,
+        model_name, dtype, device, trust_remote_code, adapter, prompt_format, system, examples, max_new_tokens,
         min_new_tokens, temperature, top_p, num_samples, seed, stop, tolerance, answer_regex,
         address, workers, cpus_per_worker, gpus_per_worker, shard_size, batch_size, quiet):
     """Score INPUTS (JSONL, JSON or Parquet; none: the bundled unit-conversion set).
@@ -106,15 +108,16 @@ def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_co
     started = time.perf_counter()
     say = (lambda text: None) if quiet else (lambda text: click.echo(text, err=True))
     check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples, answer_regex, stop)
+    check_prompt_usage(prompt_format, system, examples)
     try:
         source, kind = resolve_model(model_name)
         check_remote_code(source, kind, trust_remote_code)
         spec = JobSpec(
             inputs=tuple(str(p) for p in inputs) or ("(bundled unit conversions)",),
             output=locate(output),
-            model=ModelSpec(source, kind, dtype, device, trust_remote_code),
+            model=ModelSpec(source, kind, dtype, device, trust_remote_code, adapter=resolve_adapter(adapter)),
             scoring=ScoringSettings(
-                PromptSettings(prompt_format, system),
+                prompt_settings(prompt_format, system, examples),
                 GenerationSettings(max_new_tokens, min_new_tokens, temperature, top_p, num_samples,
                                    seed, tuple(stop), batch_size),
                 GradingSettings(tolerance, answer_regex),
@@ -155,6 +158,13 @@ def check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples
         raise click.BadParameter("a stop string cannot be empty", param_hint="--stop")
 
 
+def check_prompt_usage(prompt_format: str, system: str | None, examples: Path | None) -> None:
+    if examples is not None and prompt_format != "cot":
+        raise click.BadParameter(f"worked examples are shown only in the cot format, not {prompt_format}; add --prompt-format cot", param_hint="--examples")
+    if system is not None and prompt_format == "raw":
+        raise click.BadParameter("the raw format sends the question alone; use --prompt-format chat or cot", param_hint="--system")
+
+
 def check_local_output(output: Path) -> None:
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file path such as {output / 'answers.parquet'}", param_hint="--output")
@@ -180,6 +190,25 @@ def summary_table(summary: dict) -> str:
         ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
     ]
     return "\n".join(f"{k:<10} {v}" for k, v in lines)
+
+
+@cli.command()
+@click.argument("answers")
+@click.option("-o", "--output", required=True, help="File to write: a path or a filesystem URI.")
+@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="jsonl", show_default=True, help="jsonl: one object per output row; rft-json: the assignment's rft.json, [question, answer, reasoning] per question with a correct sample.")
+@click.option("--correct-only", is_flag=True, help="jsonl: only the rows graded correct (rft-json keeps only correct ones anyway).")
+def export(answers, output, export_format, correct_only):
+    """Write ANSWERS (a `bulkscore run` output) as training data.
+
+    Example: bulkscore export samples.parquet --format rft-json -o rft.json
+    """
+    with reported():
+        result = export_answers(locate(answers), export_format, correct_only)
+        locate(output).write_bytes(result.text.encode())
+    if export_format == "rft-json":
+        click.echo(f"Kept {result.kept:,} of {result.total:,} questions (those with a correct sample) in {output}")
+    else:
+        click.echo(f"Wrote {result.kept:,} of {result.total:,} rows to {output}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -36,6 +36,11 @@ def bundled_questions() -> Path:
     return Path(__file__).parent / "data" / "unit_conversions.jsonl"
 
 
+def bundled_examples() -> Path:
+    """The worked examples `--prompt-format cot` shows the model unless --examples replaces them."""
+    return Path(__file__).parent / "data" / "cot_examples.jsonl"
+
+
 def read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
@@ -203,3 +208,15 @@ def id_array(ids: list, paths: Sequence[Path]) -> pa.Array:
             seen.add(v)
         raise InputError(f"{', '.join(map(str, paths))}: duplicate id {dup!r}; ids must be unique (or drop the id column)")
     return array
+
+
+def load_examples(path: Path) -> tuple[tuple[str, str], ...]:
+    """Few-shot (question, answer text) pairs from any input format, answers as worked text."""
+    part = load_file(Path(path), Columns())
+    pairs = tuple(zip(part["question"], part["reference"]))
+    if not pairs:
+        raise InputError(f"{path}: no examples")
+    for number, (question, answer) in enumerate(pairs, 1):
+        if not question or not question.strip() or answer is None or not answer.strip():
+            raise InputError(f"{path}: example {number} needs both a question and an answer text")
+    return pairs

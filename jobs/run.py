@@ -85,7 +85,7 @@ def run_job(
     figures = score_on_ray(spec, questions, todo, store, options, say) if todo else idle
 
     table = store.read(plan)
-    extra = {"model": spec.model_name, "adapter": None, **figures, "fingerprint": job_fingerprint}
+    extra = {"model": spec.model_name, "adapter": spec.model.adapter, **figures, "fingerprint": job_fingerprint}
     summary = summarize(table, questions.num_rows, time.perf_counter() - started, extra)
     write_output(table, spec.output, spec.settings(), summary)
     if not options.keep_parts:

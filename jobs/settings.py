@@ -10,9 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs.errors import JobError
+from jobs.questions import bundled_examples, load_examples
 from jobs.storage import Location
-from workers.contract import ModelSpec, ScoringSettings
+from workers.contract import ModelSpec, PromptSettings, ScoringSettings
 from workers.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_gguf
+from workers.prompts import COT_INSTRUCTION
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,33 @@ def resolve_model(text: str | None) -> tuple[str, str]:
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise JobError(f"--model {text}: no such folder or file")
     return text, "hub"
+
+
+def resolve_adapter(text: str | None) -> str | None:
+    """--adapter: a PEFT LoRA adapter folder (adapter_config.json beside its weights)."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        what = "no such folder" if not path.exists() else "not a PEFT adapter folder (no adapter_config.json)"
+        raise JobError(f"--adapter {text}: {what}")
+    try:
+        peft_type = json.loads(config_file.read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise JobError(f"--adapter {text}: cannot read adapter_config.json ({error})") from None
+    if peft_type != "LORA":
+        raise JobError(f"--adapter {text}: a {peft_type} adapter; bulkscore applies LoRA adapters")
+    return str(path.resolve())
+
+
+def prompt_settings(prompt_format: str, system: str | None, examples: Path | None) -> PromptSettings:
+    """cot gets its instruction and worked examples spelled out, so that they reach the fingerprint."""
+    if prompt_format != "cot":
+        return PromptSettings(prompt_format, system)
+    return PromptSettings(
+        "cot", COT_INSTRUCTION if system is None else system, load_examples(examples or bundled_examples())
+    )
 
 
 def check_remote_code(source: str, kind: str, trust_remote_code: bool) -> None:

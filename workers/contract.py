@@ -22,12 +22,14 @@ class ModelSpec:
     device: str = "auto"  # auto | cpu | cuda
     trust_remote_code: bool = False
     threads: int | None = None
+    adapter: str | None = None  # a PEFT LoRA adapter folder, applied on top of `source`
 
 
 @dataclass(frozen=True)
 class PromptSettings:
-    format: str = "chat"  # raw | chat
-    system: str | None = None
+    format: str = "chat"  # raw | chat | cot
+    system: str | None = None  # cot: the instruction; the driver fills in the bundled one
+    examples: tuple[tuple[str, str], ...] = ()  # cot: few-shot (question, answer text) pairs
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,16 @@ def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(set(ids)))
 
 
+def apply_adapter(model: Any, adapter: str) -> Any:
+    """The LoRA adapter merged into the weights (one matmul per layer, as fast as the base model).
+
+    The adapter is applied to the model given, whatever base model its own config names.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,6 +83,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, trust_remote_code=spec.trust_remote_code
     )
+    if spec.adapter:
+        model = apply_adapter(model, spec.adapter)
     model = model.to(device).eval()
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]

@@ -1,4 +1,8 @@
-"""Prompt formats: `raw` is the question unchanged; `chat` wraps it in the tokenizer's chat template."""
+"""Prompt formats.
+
+`raw` is the question unchanged; `chat` wraps it in the tokenizer's chat template; `cot` is `chat`
+with an instruction as the system message and worked examples as earlier turns of the conversation.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,27 @@ from typing import Any
 
 from workers.contract import PromptSettings
 
-PROMPT_FORMATS = ("raw", "chat")
+PROMPT_FORMATS = ("raw", "chat", "cot")
+# cot's system message unless --system replaces it; tuned with the bundled examples on the bundled set.
+COT_INSTRUCTION = (
+    "Solve the unit conversion. Reason in one short line, then give the final number inside "
+    "<answer></answer>. Be concise."
+)
+
+
+def chat_messages(question: str, settings: PromptSettings) -> list[dict[str, str]]:
+    messages = [] if settings.system is None else [{"role": "system", "content": settings.system}]
+    for example_question, example_answer in settings.examples:
+        messages += [{"role": "user", "content": example_question},
+                     {"role": "assistant", "content": example_answer}]
+    return messages + [{"role": "user", "content": question}]
 
 
 def format_prompt(tokenizer: Any, question: str, settings: PromptSettings) -> str:
     if settings.format == "raw":
         return question
-    if settings.format == "chat":
-        messages = [{"role": "user", "content": question}]
-        if settings.system is not None:
-            messages.insert(0, {"role": "system", "content": settings.system})
+    if settings.format in ("chat", "cot"):
+        messages = chat_messages(question, settings)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown prompt format {settings.format!r}; choose one of {PROMPT_FORMATS}")
 
