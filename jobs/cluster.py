@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from jobs.errors import JobError
 
 DEFAULT_CPUS_PER_WORKER = 4
-# A ray:// head starts one server process per client; that start fails now and then with empty
-# logs (seen about once in eight connections on a busy 2-core machine), and a new try succeeds.
-CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+# A ray:// head forks one server process per client, from a process full of gRPC threads; now and
+# then that child dies before it starts (empty logs; about one connection in eight on a busy 2-core
+# machine) and the head answers "Initialization failure from server". A new try succeeds.
+CLIENT_SERVER_FAILED = "Initialization failure from server"
 CLIENT_START_TRIES = 3
 
 
