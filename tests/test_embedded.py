@@ -34,3 +34,25 @@ def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert summary["model"] == "SmolLM2-135M-Instruct"
     assert summary["rows"] == 6 and summary["errors"] == 0
+
+
+def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):
+    """The bundled cot instruction and examples get <answer> tags from SmolLM2-135M; plain chat does not."""
+    import pyarrow as pa
+
+    from jobs.questions import bundled_questions, load_questions
+    from jobs.settings import prompt_settings
+    from workers.contract import GenerationSettings, GradingSettings, ModelSpec, ScoringSettings, ShardTask
+    from workers.models import load_model
+    from workers.scoring import score_shard
+
+    lm = load_model(ModelSpec("", "embedded", dtype="float32", device="cpu"))
+    questions = load_questions([bundled_questions()], limit=16)
+    rows = pa.table({"row": range(16), "question": questions.column("question"),
+                     "reference": questions.column("reference")})
+    rates = {}
+    for prompt_format in ("chat", "cot"):
+        settings = ScoringSettings(prompt_settings(prompt_format, None, None), GenerationSettings(), GradingSettings())
+        answers = score_shard(lm, ShardTask(0, 0, 16, rows), settings).column("answer_text").to_pylist()
+        rates[prompt_format] = sum(a is not None for a in answers) / 16
+    assert rates["cot"] >= 0.5 and rates["cot"] > rates["chat"], rates
