@@ -77,6 +77,22 @@ def test_three_losses_equal_an_independent_computation(lm):
         assert row["reference_loss"] == pytest.approx(mean_nll(model, whole, len(prompt_ids)), abs=1e-4)
 
 
+def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
+    """Only `loss` takes a forward pass of its own: references are scored from generation's cache."""
+    import workers.scoring
+
+    real, scored = workers.scoring.span_nll, []
+
+    def recording(lm_, sequences, starts):
+        scored.append(len(sequences))
+        return real(lm_, sequences, starts)
+
+    monkeypatch.setattr(workers.scoring, "span_nll", recording)
+    rows = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
+    assert scored == [len(QUESTIONS), 0]  # question + completion; no reference left to score
+    assert all(r["reference_loss"] is not None for r in rows)
+
+
 def test_greedy_results_do_not_depend_on_batch_size(lm):
     one = score_shard(lm, task(QUESTIONS), settings(batch_size=1)).to_pydict()
     eight = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pydict()
@@ -189,10 +205,10 @@ def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypa
 
     real = workers.scoring.generate_batch
 
-    def fail_on_the_long_prompt(lm_, prompts, gen, seed):
+    def fail_on_the_long_prompt(lm_, prompts, *args):
         if any("explain the steps" in lm_.tokenizer.decode(p) for p in prompts):
             raise ValueError("injected failure")
-        return real(lm_, prompts, gen, seed)
+        return real(lm_, prompts, *args)
 
     monkeypatch.setattr(workers.scoring, "generate_batch", fail_on_the_long_prompt)
     for batch_size in (None, 1):

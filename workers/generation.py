@@ -9,6 +9,7 @@ on which other rows share the batch, the shard or the worker (like vLLM's per-re
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,7 @@ class Generated:
     text: str
     finish_reason: str  # "stop" | "length"
     nll: float | None = None  # mean NLL of token_ids given the prompt, from generation's own logits
+    continuation_nll: float | None = None  # mean NLL of the given continuation (the reference) after the prompt
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:
@@ -109,16 +111,62 @@ def trim_completion(
 
 
 def generate_batch(
-    lm: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int] = ()
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    seeds: Sequence[int] = (),
+    continuations: Sequence[Sequence[int] | None] = (),
 ) -> list[Generated]:
-    """One Generated per prompt; `seeds` (one per prompt, from sample_seed) when sampling."""
+    """One Generated per prompt; `seeds` (one per prompt, from sample_seed) when sampling.
+
+    `continuations` (token ids to score after each prompt, or None) are scored from the prompts'
+    own KV cache, which generation has already computed: only their few tokens run.
+    """
     ids, mask = pad_batch(prompts, lm.pad_token_id, "left", lm.device)  # [B, T]
     kwargs = generation_kwargs(settings, lm, seeds)
     out = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out.sequences[:, ids.shape[1] :]  # [B, S], S <= max_new_tokens
     step_nll = token_nll(out.logits, new)  # [B, S]
     rows = [trim_completion(row, lm, settings) for row in new.tolist()]
-    return [replace(g, nll=step_nll[i, : len(g.token_ids)].mean().item()) for i, g in enumerate(rows)]
+    rows = [replace(g, nll=step_nll[i, : len(g.token_ids)].mean().item()) for i, g in enumerate(rows)]
+    if any(continuations):
+        try:
+            scored = continuation_nll(lm, out, mask, continuations)
+        except Exception:  # a cache that cannot be cut back: the caller scores them by a forward pass
+            scored = [None] * len(rows)
+        rows = [replace(g, continuation_nll=nll) for g, nll in zip(rows, scored)]
+    return rows
+
+
+def continuation_nll(
+    lm: LoadedModel, out, prompt_mask: torch.Tensor, continuations: Sequence[Sequence[int] | None]
+) -> list[float | None]:
+    """Mean NLL of each continuation after its (left-padded) prompt, reusing generation's cache.
+
+    The cache, cut back to the prompts, holds every prompt token's keys and values; the first
+    continuation token is scored by generation's first-step logits, the rest by one forward pass
+    over the continuations (right-padded) at the positions that follow each prompt.
+    """
+    width = prompt_mask.shape[1]
+    real = [c if c else [lm.pad_token_id] for c in continuations]  # rows without one ride along
+    ids, mask = pad_batch(real, lm.pad_token_id, "right", lm.device)  # [B, R]
+    cache = out.past_key_values
+    extra = cache.get_seq_length() - width
+    if extra > 0:
+        cache.crop(-extra)  # a negative count removes that many tokens from the end
+    if cache.get_seq_length() != width:
+        raise ValueError(f"cache holds {cache.get_seq_length()} tokens after cropping to {width}")
+    positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1], device=lm.device)  # [B, R]
+    # transformers 5 names the argument `cache`; earlier versions `past_key_values`.
+    name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    logits = lm.model(
+        input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1), position_ids=positions,
+        **{name: cache},
+    ).logits  # [B, R, V]: position j predicts continuation token j + 1
+    first = -torch.log_softmax(out.logits[0].float(), dim=-1).gather(1, ids[:, :1])  # [B, 1]
+    rest = -torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)  # [B, R-1]
+    nll = torch.cat([first, rest], dim=1)  # [B, R]
+    return [nll[i, : len(c)].mean().item() if c else None for i, c in enumerate(continuations)]
 
 
 def token_nll(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ Row accounting: every (row, sample) of the shard comes back exactly once, with a
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,7 +18,7 @@ import torch
 
 from workers.answers import grade, parse_answer, parse_number
 from workers.batching import AUTO_MAX_ROWS, AUTO_TOKEN_BUDGET, plan_batches
-from workers.contract import RESULT_SCHEMA, ScoringSettings, ShardTask
+from workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
 from workers.generation import Generated, generate_batch, sample_seed
 from workers.losses import span_nll
 from workers.models import LoadedModel
@@ -36,6 +38,7 @@ class Item:
     reference: str | None
     prompt: str | None = None
     prompt_ids: list[int] | None = None
+    reference_ids: list[int] | None = None  # the reference's tokens after the prompt's, when they split there
     generated: Generated | None = None
     error: str | None = None
 
@@ -71,12 +74,26 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
             text = format_prompt(lm.tokenizer, item.question, settings.prompt)
             by_question[item.question] = (text, encode_text(lm.tokenizer, text, settings.prompt))
         item.prompt, item.prompt_ids = by_question[item.question]
+        item.reference_ids = reference_tokens(lm, item, settings)
         if len(item.prompt_ids) > limit:
             item.error = (
                 f"prompt too long: {len(item.prompt_ids)} tokens; with --max-new-tokens "
                 f"{settings.generation.max_new_tokens} that exceeds the model's context of "
                 f"{lm.context_length} tokens"
             )
+
+
+def reference_tokens(lm: LoadedModel, item: Item, settings: ScoringSettings) -> list[int] | None:
+    """The tokens of prompt + reference after the prompt's own, if the prompt's tokens are a prefix.
+
+    Then generation's prompt cache can score them; else (a token across the seam) a separate
+    forward pass over prompt + reference does.
+    """
+    if item.reference is None:
+        return None
+    whole = encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt)
+    n = len(item.prompt_ids)
+    return whole[n:] if whole[:n] == item.prompt_ids and len(whole) > n else None
 
 
 def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
@@ -88,7 +105,8 @@ def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSett
     for batch in batches:
         members = [todo[i] for i in batch]
         run = lambda xs: generate_batch(  # noqa: E731
-            lm, [x.prompt_ids for x in xs], gen, [sample_seed(gen.seed, x.row, x.sample) for x in xs]
+            lm, [x.prompt_ids for x in xs], gen, [sample_seed(gen.seed, x.row, x.sample) for x in xs],
+            [x.reference_ids for x in xs],
         )
         for item, result in zip(members, per_row_fallback(run, members)):
             if isinstance(result, BaseException):
@@ -106,14 +124,17 @@ def item_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSetting
     # loss: question + completion as plain text, with the tokenizer's own special tokens.
     whole = [lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
     losses = span_nll(lm, whole, [1] * len(items))
-    # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens.
-    with_reference = [item for item in items if item.reference is not None]
+    # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens;
+    # mostly done during generation, from the prompt's cache.
+    by_item = {id(item): item.generated.continuation_nll for item in items
+               if item.generated.continuation_nll is not None}
+    rest = [item for item in items if item.reference is not None and id(item) not in by_item]
     references = span_nll(
         lm,
-        [encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt) for item in with_reference],
-        [len(item.prompt_ids) for item in with_reference],
+        [encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt) for item in rest],
+        [len(item.prompt_ids) for item in rest],
     )
-    by_item = dict(zip(map(id, with_reference), references))
+    by_item |= dict(zip(map(id, rest), references))
     return [
         (loss, item.generated.nll, by_item.get(id(item)))
         for item, loss in zip(items, losses)
@@ -170,6 +191,10 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> 
     ]
     with torch.inference_mode():
         prepare_prompts(lm, items, settings)
+        started = time.perf_counter()
         generate_items(lm, items, settings)
+        generated = time.perf_counter()
         losses = score_losses(lm, items, settings)
-    return result_table(items, losses, settings)
+        timings = {"generate_s": generated - started, "loss_s": time.perf_counter() - generated}
+    table = result_table(items, losses, settings)
+    return table.replace_schema_metadata({TIMINGS_KEY: json.dumps(timings).encode()})
