@@ -99,7 +99,9 @@ def run_shards(
 
     def fill() -> None:
         for work in list(queue):
-            actor = next((a for a, running in in_flight.items() if can_take(running, work)), None)
+            # The least busy worker first, so that a few shards spread over the whole pool.
+            takers = [a for a, running in in_flight.items() if can_take(running, work)]
+            actor = min(takers, key=lambda a: len(in_flight[a]), default=None)
             if actor is not None:
                 queue.remove(work)
                 ref = actor.score.remote(work.task)
