@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 # CPU build on this machine; on a GPU host: make TORCH=torch==2.13.0 run (or any CUDA build).
 TORCH ?= torch==2.13.0
 RUN_ARGS ?=
+BENCH_ARGS ?=
 
 # Every Ray process binds to 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,11 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# bulkscore against transformers one at a time, batched, and Ray Data (scripts/bench.py).
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) answers.parquet answers.summary.json answers.parquet.parts

@@ -17,7 +17,7 @@ from jobs.parts import PartStore
 from jobs.progress import announcer, progress_bar
 from jobs.settings import JobSpec, fingerprint
 from jobs.shards import Shard, plan_shards
-from workers.contract import INPUT_SCHEMA, ShardTask, check_result
+from workers.contract import INPUT_SCHEMA, ShardTask, check_result, shard_timings
 from workers.embedded import cache_root, embedded_gguf, is_prepared
 
 
@@ -81,8 +81,8 @@ def run_job(
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
     todo = [s for s in plan if s.index not in done]
-    idle = {"workers": 0, "nodes": 0, "worker_deaths": 0}
-    figures = score_on_ray(spec, questions, todo, store, options, say) if todo else idle
+    idle = {"workers": 0, "nodes": 0, "worker_deaths": 0, "timings": None}
+    figures = score_on_ray(spec, questions, todo, store, options, say, started) if todo else idle
 
     table = store.read(plan)
     extra = {"model": spec.model_name, "adapter": spec.model.adapter, **figures, "fingerprint": job_fingerprint}
@@ -95,9 +95,13 @@ def run_job(
 
 def score_on_ray(
     spec: JobSpec, questions: pa.Table, todo: list[Shard], store: PartStore, options: RunOptions,
-    say: Callable[[str], None],
-) -> dict[str, int]:
-    """Score the shards in `todo` into `store`; returns how many workers, on how many nodes, died."""
+    say: Callable[[str], None], started: float,
+) -> dict:
+    """Score the shards in `todo` into `store`.
+
+    Returns how many workers ran, on how many nodes, how many died, and where the time went:
+    startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed.
+    """
     from jobs.schedule import run_shards, start_workers
 
     samples = spec.scoring.generation.num_samples
@@ -111,6 +115,7 @@ def score_on_ray(
             say(f"Converting {gguf.name} once into {cache_root()} (about 30 s)...")
         ready = time.perf_counter()
         start_one, actors, infos = start_workers(pool, model, spec.scoring)
+        timings = {"startup_s": round(time.perf_counter() - started, 3), "generate_s": 0.0, "loss_s": 0.0}
         say(
             f"Workers ready in {time.perf_counter() - ready:.1f} s on {infos[0]['device']} "
             f"({infos[0]['dtype']}, model loaded in {max(i['load_s'] for i in infos):.1f} s)"
@@ -123,6 +128,8 @@ def score_on_ray(
             def on_result(task: ShardTask, result: pa.Table) -> None:
                 # A shard split after worker deaths comes back in pieces; write it when whole.
                 pieces[task.index].append(check_result(task, result, samples))
+                for name, seconds in shard_timings(result).items():
+                    timings[name] = round(timings[name] + seconds, 3)
                 bar.update(result.num_rows)
                 shard = shards[task.index]
                 if sum(p.num_rows for p in pieces[task.index]) == shard.rows * samples:
@@ -132,4 +139,5 @@ def score_on_ray(
 
             tasks = [shard_task(questions, s.index, s.start, s.stop) for s in todo]
             deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
-    return {"workers": pool.workers, "nodes": len({i["node"] for i in infos}), "worker_deaths": deaths}
+    return {"workers": pool.workers, "nodes": len({i["node"] for i in infos}), "worker_deaths": deaths,
+            "timings": timings}

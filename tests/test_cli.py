@@ -23,7 +23,7 @@ OUTPUT_SCHEMA = pa.schema([
 SUMMARY_KEYS = {
     "rows", "samples", "errors", "error_kinds", "worker_deaths", "nodes", "answered", "correct", "accuracy", "answer_rate", "mean_loss",
     "mean_completion_loss", "mean_reference_loss", "prompt_tokens", "completion_tokens", "elapsed_s",
-    "rows_per_s", "tokens_per_s", "model", "adapter", "workers", "fingerprint", "versions",
+    "rows_per_s", "tokens_per_s", "model", "adapter", "workers", "fingerprint", "versions", "timings",
 }
 
 
@@ -65,6 +65,9 @@ def test_run_writes_the_contract(tiny_model, questions, tmp_path):
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS
     assert summary["rows"] == summary["samples"] == 8 and summary["errors"] == 0
+    assert set(summary["timings"]) == {"startup_s", "generate_s", "loss_s"}
+    assert 0 < summary["timings"]["startup_s"] < summary["elapsed_s"]
+    assert summary["timings"]["generate_s"] > 0 and summary["timings"]["loss_s"] > 0
     assert summary["completion_tokens"] == sum(table.column("num_completion_tokens").to_pylist())
     assert summary["mean_loss"] == pytest.approx(sum(table.column("loss").to_pylist()) / 8, abs=1e-6)
     metadata = table.schema.metadata

@@ -5,6 +5,7 @@ Both sides import this module; it imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -106,6 +107,15 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+
+
+# Key of a shard result's schema metadata: JSON {"generate_s", "loss_s"}, seconds the actor spent.
+TIMINGS_KEY = b"bulkscore.timings"
+
+
+def shard_timings(result: pa.Table) -> dict[str, float]:
+    raw = (result.schema.metadata or {}).get(TIMINGS_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def error_result(task: ShardTask, num_samples: int, error: str) -> pa.Table:

@@ -1,0 +1,186 @@
+"""bulkscore against what its users would otherwise run, on the same questions, on this machine.
+
+    python scripts/bench.py [--questions 128] [--max-new-tokens 32] [--peers one,batched,raydata,bulkscore]
+
+Each peer runs as its own process, timed from its start to its output file (imports, Ray start and
+model load included), with greedy decoding of chat prompts:
+  one        transformers `generate`, one question at a time
+  batched    transformers `generate`, batches of 32 in float32 with left padding (the assignment's
+             `batched_generate`)
+  raydata    Ray Data: read_json -> map_batches(a callable class holding the model, batches of 32)
+             -> write_parquet
+  bulkscore  `bulkscore run` at its defaults (which also computes the three losses)
+Prints wall time, rows/s, generated tokens/s and each peer's time over bulkscore's (how many times
+faster bulkscore is). `make bench` runs it; on a machine with a GPU, the peers use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PEERS = ("one", "batched", "raydata", "bulkscore")
+PEER_BATCH = 32
+
+
+def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]
+
+
+def load_hf(model: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
+    return tokenizer, lm
+
+
+def hf_generate(tokenizer, lm, prompts: list[str], max_new_tokens: int) -> list[int]:
+    """Greedy completions of a batch; returns each one's token count up to and with its EOS."""
+    import torch
+
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    with torch.inference_mode():
+        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    return [row.index(eos) + 1 if eos in row else len(row) for row in new]
+
+
+def run_transformers(args, batch: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    questions = [json.loads(line)["question"] for line in Path(args.input).read_text().splitlines()]
+    tokenizer, lm = load_hf(args.model, args.device)
+    prompts = chat_prompts(tokenizer, questions)
+    tokens = []
+    for i in range(0, len(prompts), batch):
+        tokens += hf_generate(tokenizer, lm, prompts[i : i + batch], args.max_new_tokens)
+    pq.write_table(pa.table({"num_completion_tokens": tokens}), args.output)
+
+
+class RayDataGenerator:
+    """What a Ray Data user writes: a callable class that loads the model once per actor."""
+
+    def __init__(self, model: str, device: str, max_new_tokens: int):
+        self.tokenizer, self.lm = load_hf(model, device)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        prompts = chat_prompts(self.tokenizer, list(batch["question"]))
+        batch["num_completion_tokens"] = hf_generate(self.tokenizer, self.lm, prompts, self.max_new_tokens)
+        return batch
+
+
+def run_raydata(args) -> None:
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    gpus = 1 if args.device == "cuda" else 0
+    dataset = ray.data.read_json(args.input)
+    dataset = dataset.map_batches(
+        RayDataGenerator, fn_constructor_args=(args.model, args.device, args.max_new_tokens),
+        batch_size=PEER_BATCH, concurrency=1, num_cpus=os.cpu_count() if not gpus else 1, num_gpus=gpus,
+    )
+    dataset.write_parquet(args.output)
+    ray.shutdown()
+
+
+def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
+    output = folder / f"{name}.parquet"
+    if name == "bulkscore":
+        model = [] if args.model_given is None else ["--model", args.model]
+        return ([str(Path(sys.executable).parent / "bulkscore"), "run", str(args.input), "-o", str(output),
+                 "--max-new-tokens", str(args.max_new_tokens), "--quiet", *model, *args.bulkscore_args], output)
+    return ([sys.executable, __file__, "--peer", name, "--input", str(args.input), "--output", str(output),
+             "--model", args.model, "--device", args.device, "--max-new-tokens", str(args.max_new_tokens)], output)
+
+
+def generated_tokens(output: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_table(output, columns=["num_completion_tokens"]).column(0).to_pylist())
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+
+
+def compare(args) -> None:
+    from jobs.questions import bundled_questions
+
+    folder = Path(tempfile.mkdtemp(prefix="bulkscore-bench-"))
+    lines = bundled_questions().read_text().splitlines()[: args.questions]
+    args.input = folder / "questions.jsonl"
+    args.input.write_text("".join(line + "\n" for line in lines))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    results = {}
+    for name in args.peers:
+        command, output = peer_command(name, args, folder)
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = (wall, generated_tokens(output))
+        print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
+        if name == "bulkscore":
+            summary = json.loads(output.with_suffix(".summary.json").read_text())
+            print(f"  bulkscore timings: {json.dumps(summary.get('timings'))}", file=sys.stderr)
+    reference = results.get("bulkscore", (None, None))[0]
+    print(f"{args.questions} questions x {args.max_new_tokens} new tokens, chat prompts, greedy; "
+          f"{time.strftime('%Y-%m-%d')}, {machine()}")
+    print("| peer | wall s | rows/s | generated tokens/s | peer time / bulkscore time |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (wall, tokens) in results.items():
+        ratio = f"{wall / reference:.2f}" if reference else "-"
+        print(f"| {name} | {wall:.1f} | {args.questions / wall:.2f} | {tokens / wall:.1f} | {ratio} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--peers", default=",".join(PEERS), type=lambda s: s.split(","))
+    parser.add_argument("--model", dest="model_given", help="model folder [default: the embedded SmolLM2-135M]")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--bulkscore-args", default="", type=str.split, help="extra `bulkscore run` options")
+    parser.add_argument("--peer", choices=PEERS[:3], help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.peer:
+        args.model = args.model_given
+        run_raydata(args) if args.peer == "raydata" else run_transformers(args, 1 if args.peer == "one" else PEER_BATCH)
+        return
+    if args.model_given is None:
+        from workers.embedded import embedded_gguf, prepare_gguf
+
+        args.model = str(prepare_gguf(embedded_gguf()))
+    else:
+        args.model = args.model_given
+    compare(args)
+
+
+if __name__ == "__main__":
+    main()
