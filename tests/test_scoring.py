@@ -93,6 +93,28 @@ def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
     assert all(r["reference_loss"] is not None for r in rows)
 
 
+def test_a_shared_prefix_is_computed_once_and_changes_nothing(lm, monkeypatch):
+    """Prompts that start alike (the chat template's system turn) share one prefix cache."""
+    import workers.generation
+    from workers.generation import generate_batch, shared_prefix
+    from workers.prompts import encode_text, format_prompt
+
+    chat = PromptSettings("chat")
+    prompts = [encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat) for q in QUESTIONS]
+    shared = shared_prefix(prompts)
+    assert shared >= 20 and all(p[:shared] == prompts[0][:shared] for p in prompts)
+    references = [lm.tokenizer(" 42", add_special_tokens=False)["input_ids"]] * len(prompts)
+    gen = GenerationSettings(max_new_tokens=12)
+    with torch.inference_mode():
+        cached = generate_batch(lm, prompts, gen, (), references)
+        monkeypatch.setattr(workers.generation, "MIN_SHARED_PREFIX", 10**6)  # every prompt whole
+        assert shared_prefix(prompts) == 0
+        plain = generate_batch(lm, prompts, gen, (), references)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
+    assert [g.nll for g in cached] == pytest.approx([g.nll for g in plain], abs=1e-4)
+    assert [g.continuation_nll for g in cached] == pytest.approx([g.continuation_nll for g in plain], abs=1e-4)
+
+
 def test_greedy_results_do_not_depend_on_batch_size(lm):
     one = score_shard(lm, task(QUESTIONS), settings(batch_size=1)).to_pydict()
     eight = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pydict()

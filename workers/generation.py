@@ -110,6 +110,45 @@ def trim_completion(
     return Generated(tuple(body), decode(body), "length")
 
 
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth a cache of its own
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares (the chat template's system turn, cot's examples),
+    leaving each prompt at least one token of its own; 0 when that is under MIN_SHARED_PREFIX."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def pad_after_prefix(
+    prompts: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding placed after the shared prefix, so that the prefix sits at the same place in
+    every row. Masked pads in the middle change nothing: positions come from the attention mask."""
+    ids, mask = pad_batch([p[shared:] for p in prompts], pad_id, "left", device)
+    if shared:
+        prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device).expand(len(prompts), -1)
+        ids = torch.cat([prefix, ids], dim=1)
+        mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
+    return ids, mask
+
+
+def cache_argument(model) -> str:
+    """transformers 5 names the KV cache argument `cache`; earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_cache(lm: LoadedModel, prefix: Sequence[int], rows: int):
+    """The KV cache of the shared prefix, computed once and repeated for each row: generation then
+    runs only the tokens after it (vLLM calls this prefix caching)."""
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
+    cache = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 def generate_batch(
     lm: LoadedModel,
     prompts: Sequence[Sequence[int]],
@@ -122,8 +161,11 @@ def generate_batch(
     `continuations` (token ids to score after each prompt, or None) are scored from the prompts'
     own KV cache, which generation has already computed: only their few tokens run.
     """
-    ids, mask = pad_batch(prompts, lm.pad_token_id, "left", lm.device)  # [B, T]
+    shared = shared_prefix(prompts)
+    ids, mask = pad_after_prefix(prompts, shared, lm.pad_token_id, lm.device)  # [B, T]
     kwargs = generation_kwargs(settings, lm, seeds)
+    if shared:
+        kwargs[cache_argument(lm.model)] = prefix_cache(lm, prompts[0][:shared], len(prompts))
     out = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out.sequences[:, ids.shape[1] :]  # [B, S], S <= max_new_tokens
     step_nll = token_nll(out.logits, new)  # [B, S]
@@ -157,11 +199,9 @@ def continuation_nll(
     if cache.get_seq_length() != width:
         raise ValueError(f"cache holds {cache.get_seq_length()} tokens after cropping to {width}")
     positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1], device=lm.device)  # [B, R]
-    # transformers 5 names the argument `cache`; earlier versions `past_key_values`.
-    name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
     logits = lm.model(
         input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1), position_ids=positions,
-        **{name: cache},
+        **{cache_argument(lm.model): cache},
     ).logits  # [B, R, V]: position j predicts continuation token j + 1
     first = -torch.log_softmax(out.logits[0].float(), dim=-1).gather(1, ids[:, :1])  # [B, 1]
     rest = -torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)  # [B, R-1]
