@@ -76,6 +76,9 @@ class RayDataGenerator:
     """What a Ray Data user writes: a callable class that loads the model once per actor."""
 
     def __init__(self, model: str, device: str, max_new_tokens: int):
+        import torch
+
+        torch.set_num_threads(os.cpu_count())  # Ray sets one thread per CPU it reserved
         self.tokenizer, self.lm = load_hf(model, device)
         self.max_new_tokens = max_new_tokens
 
@@ -93,7 +96,8 @@ def run_raydata(args) -> None:
     dataset = ray.data.read_json(args.input)
     dataset = dataset.map_batches(
         RayDataGenerator, fn_constructor_args=(args.model, args.device, args.max_new_tokens),
-        batch_size=PEER_BATCH, concurrency=1, num_cpus=os.cpu_count() if not gpus else 1, num_gpus=gpus,
+        # One CPU reserved, so that Ray Data's read and write tasks can still run beside it.
+        batch_size=PEER_BATCH, concurrency=1, num_cpus=1, num_gpus=gpus,
     )
     dataset.write_parquet(args.output)
     ray.shutdown()
