@@ -241,6 +241,25 @@ def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypa
         assert all(r["completion"] is not None for r in rows if r["error"] is None)
 
 
+def test_out_of_memory_halves_the_batch_instead_of_failing_rows(lm, monkeypatch):
+    import workers.scoring
+
+    real, sizes = workers.scoring.generate_batch, []
+
+    def small_memory(lm_, prompts, *args):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(lm_, prompts, *args)
+
+    expected = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).column("completion").to_pylist()
+    monkeypatch.setattr(workers.scoring, "generate_batch", small_memory)
+    rows = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pylist()
+    assert [r["error"] for r in rows] == [None] * len(QUESTIONS)
+    assert [r["completion"] for r in rows] == expected
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved down to what fits, never row by row
+
+
 class Exploit:
     """Unpickling this runs a shell command: what a malicious pickle checkpoint does."""
 

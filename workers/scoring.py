@@ -48,9 +48,20 @@ def describe(error: BaseException) -> str:
 
 
 def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> list[Out | BaseException]:
-    """fn over the whole batch; if that raises, over each input alone, keeping each one's error."""
+    """fn over the whole batch; if that raises, over each input alone, keeping each one's error.
+
+    Out of (GPU) memory, the batch is halved instead, down to single rows: `--batch-size auto`
+    backs off rather than failing the rows.
+    """
     try:
         return list(fn(inputs))
+    except torch.OutOfMemoryError as error:
+        if len(inputs) == 1:
+            return [error]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(inputs) // 2
+        return per_row_fallback(fn, inputs[:half]) + per_row_fallback(fn, inputs[half:])
     except Exception as error:  # confined to this batch: find the rows it comes from
         if len(inputs) == 1:
             return [error]
