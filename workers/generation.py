@@ -17,6 +17,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from workers.contract import GenerationSettings
+from workers.losses import takes_logits_to_keep
 from workers.models import LoadedModel
 from workers.padding import pad_batch
 
@@ -144,7 +145,8 @@ def prefix_cache(lm: LoadedModel, prefix: Sequence[int], rows: int):
     """The KV cache of the shared prefix, computed once and repeated for each row: generation then
     runs only the tokens after it (vLLM calls this prefix caching)."""
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
-    cache = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    last_only = {"logits_to_keep": 1} if takes_logits_to_keep(lm.model) else {}
+    cache = lm.model(input_ids=ids, use_cache=True, **last_only).past_key_values
     cache.batch_repeat_interleave(rows)
     return cache
 
