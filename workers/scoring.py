@@ -38,9 +38,16 @@ class Item:
     reference: str | None
     prompt: str | None = None
     prompt_ids: list[int] | None = None
-    reference_ids: list[int] | None = None  # the reference's tokens after the prompt's, when they split there
+    reference_seq: list[int] | None = None  # prompt + reference, tokenized together
     generated: Generated | None = None
     error: str | None = None
+
+    @property
+    def reference_ids(self) -> list[int] | None:
+        """The reference's tokens after the prompt's, when prompt + reference splits there: then
+        generation's prompt cache scores them; else (a token across the seam) a forward pass does."""
+        seq, n = self.reference_seq, len(self.prompt_ids or ())
+        return seq[n:] if seq is not None and len(seq) > n and seq[:n] == self.prompt_ids else None
 
 
 def describe(error: BaseException) -> str:
@@ -55,16 +62,14 @@ def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> l
     """
     try:
         return list(fn(inputs))
-    except torch.OutOfMemoryError as error:
-        if len(inputs) == 1:
-            return [error]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(inputs) // 2
-        return per_row_fallback(fn, inputs[:half]) + per_row_fallback(fn, inputs[half:])
     except Exception as error:  # confined to this batch: find the rows it comes from
         if len(inputs) == 1:
             return [error]
+        if isinstance(error, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(inputs) // 2
+            return per_row_fallback(fn, inputs[:half]) + per_row_fallback(fn, inputs[half:])
     results: list[Out | BaseException] = []
     for x in inputs:
         try:
@@ -77,6 +82,7 @@ def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> l
 def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
     limit = lm.context_length - settings.generation.max_new_tokens
     by_question: dict[str, tuple[str, list[int]]] = {}
+    by_reference: dict[tuple[str, str], list[int]] = {}  # a question's samples share one encoding
     for item in items:
         if item.question is None or not item.question.strip():
             item.error = "empty question"
@@ -85,26 +91,17 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
             text = format_prompt(lm.tokenizer, item.question, settings.prompt)
             by_question[item.question] = (text, encode_text(lm.tokenizer, text, settings.prompt))
         item.prompt, item.prompt_ids = by_question[item.question]
-        item.reference_ids = reference_tokens(lm, item, settings)
+        if item.reference is not None:
+            key = (item.question, item.reference)
+            if key not in by_reference:
+                by_reference[key] = encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt)
+            item.reference_seq = by_reference[key]
         if len(item.prompt_ids) > limit:
             item.error = (
                 f"prompt too long: {len(item.prompt_ids)} tokens; with --max-new-tokens "
                 f"{settings.generation.max_new_tokens} that exceeds the model's context of "
                 f"{lm.context_length} tokens"
             )
-
-
-def reference_tokens(lm: LoadedModel, item: Item, settings: ScoringSettings) -> list[int] | None:
-    """The tokens of prompt + reference after the prompt's own, if the prompt's tokens are a prefix.
-
-    Then generation's prompt cache can score them; else (a token across the seam) a separate
-    forward pass over prompt + reference does.
-    """
-    if item.reference is None:
-        return None
-    whole = encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt)
-    n = len(item.prompt_ids)
-    return whole[n:] if whole[:n] == item.prompt_ids and len(whole) > n else None
 
 
 def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
@@ -129,8 +126,9 @@ def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSett
 def item_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> list[tuple]:
     """(loss, completion_loss, reference_loss) per item, as the output contract defines them.
 
-    completion_loss comes from generation's own logits; the other two take a batched forward pass
-    each, one kind of sequence at a time so that a batch's scored spans line up.
+    completion_loss comes from generation's own logits, reference_loss mostly from generation's
+    prompt cache; `loss`, and any reference that could not be scored there, take batched forward
+    passes, one kind of sequence at a time so that a batch's scored spans line up.
     """
     # loss: question + completion as plain text, with the tokenizer's own special tokens.
     whole = [lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
@@ -140,11 +138,7 @@ def item_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSetting
     by_item = {id(item): item.generated.continuation_nll for item in items
                if item.generated.continuation_nll is not None}
     rest = [item for item in items if item.reference is not None and id(item) not in by_item]
-    references = span_nll(
-        lm,
-        [encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt) for item in rest],
-        [len(item.prompt_ids) for item in rest],
-    )
+    references = span_nll(lm, [item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest])
     by_item |= dict(zip(map(id, rest), references))
     return [
         (loss, item.generated.nll, by_item.get(id(item)))
