@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from jobs.errors import InputError
 from jobs.storage import Location
+from workers.answers import parse_number
 
 EXPORT_FORMATS = ("jsonl", "rft-json")
 NEEDED = ("id", "sample", "question", "reference", "completion", "is_correct")
@@ -50,10 +51,8 @@ def to_jsonl(table: pa.Table, correct_only: bool) -> Export:
 
 def reference_value(reference: str) -> float | str:
     """The reference as a number (the grader's truth); a text reference stays text."""
-    try:
-        return float(reference.replace(",", ""))
-    except ValueError:
-        return reference
+    value = parse_number(reference)
+    return reference if value is None else value
 
 
 def to_rft_json(table: pa.Table) -> Export:
