@@ -109,37 +109,37 @@ def run(inputs, output, overwrite, limit, keep_parts, question_column, answer_co
     say = (lambda text: None) if quiet else (lambda text: click.echo(text, err=True))
     check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples, answer_regex, stop)
     check_prompt_usage(prompt_format, system, examples)
-    try:
-        source, kind = resolve_model(model_name)
-        check_remote_code(source, kind, trust_remote_code)
-        spec = JobSpec(
-            inputs=tuple(str(p) for p in inputs) or ("(bundled unit conversions)",),
-            output=locate(output),
-            model=ModelSpec(source, kind, dtype, device, trust_remote_code, adapter=resolve_adapter(adapter)),
-            scoring=ScoringSettings(
-                prompt_settings(prompt_format, system, examples),
-                GenerationSettings(max_new_tokens, min_new_tokens, temperature, top_p, num_samples,
-                                   seed, tuple(stop), batch_size),
-                GradingSettings(tolerance, answer_regex),
-            ),
-            shard_size=shard_size,
-            limit=limit,
-        )
-        columns = Columns(question_column, answer_column, id_column)
-        questions = load_questions(list(inputs) or [bundled_questions()], columns, limit)
-        say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
-        options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet)
-        report = run_job(spec, questions, options, say)
-    except JobError as error:
-        raise click.ClickException(str(error)) from None
-    except KeyboardInterrupt:
-        click.echo(f"\nInterrupted. Finished shards are kept in {parts_folder(spec.output)}: run the same "
-                   "command again to resume.", err=True)
-        sys.exit(130)
+    with reported():
+        location = locate(output)
+        try:
+            source, kind = resolve_model(model_name)
+            check_remote_code(source, kind, trust_remote_code)
+            spec = JobSpec(
+                inputs=tuple(str(p) for p in inputs) or ("(bundled unit conversions)",),
+                output=location,
+                model=ModelSpec(source, kind, dtype, device, trust_remote_code, adapter=resolve_adapter(adapter)),
+                scoring=ScoringSettings(
+                    prompt_settings(prompt_format, system, examples),
+                    GenerationSettings(max_new_tokens, min_new_tokens, temperature, top_p, num_samples,
+                                       seed, tuple(stop), batch_size),
+                    GradingSettings(tolerance, answer_regex),
+                ),
+                shard_size=shard_size,
+                limit=limit,
+            )
+            columns = Columns(question_column, answer_column, id_column)
+            questions = load_questions(list(inputs) or [bundled_questions()], columns, limit)
+            say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
+            options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet)
+            report = run_job(spec, questions, options, say)
+        except KeyboardInterrupt:
+            click.echo(f"\nInterrupted. Finished shards are kept in {parts_folder(location)}: run the same "
+                       "command again to resume.", err=True)
+            sys.exit(130)
     if report.already_finished:
         click.echo(f"{output} already holds this job's results (use --overwrite to score again).")
     click.echo(summary_table(report.summary))
-    click.echo(f"Wrote {output} and {summary_path(spec.output)}")
+    click.echo(f"Wrote {output} and {summary_path(location)}")
 
 
 def check_usage(output, min_new_tokens, max_new_tokens, temperature, num_samples, answer_regex, stop):
