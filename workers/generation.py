@@ -1,4 +1,5 @@
-"""Batched generation: left-padded prompts through `generate`, trimmed at EOS and stop strings.
+"""Batched generation: left-padded prompts, a decode loop over the KV cache, rows trimmed at EOS
+and stop strings. A row leaves the batch the step it ends, so short answers stop costing compute.
 
 Sampling is seeded per row, not per batch: each (row, sample) draws its noise from its own generator,
 seeded by (seed, row, sample), and picks its token by Gumbel-max over the temperature- and
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 from workers.contract import GenerationSettings
 from workers.losses import takes_logits_to_keep
@@ -54,38 +55,36 @@ class SeededGumbel(LogitsProcessor):
         return scores.float() + gumbel
 
 
-def sampling_processors(settings: GenerationSettings, seeds: Sequence[int], device: torch.device) -> LogitsProcessorList:
-    processors = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
-    if settings.top_p < 1:
-        processors.append(TopPLogitsWarper(settings.top_p))
-    processors.append(SeededGumbel(seeds, device))
-    return processors
+class Chooser:
+    """Picks each row's next token from its raw logits: argmax, or (sampling) argmax of the
+    temperature- and top-p-filtered logits plus the row's own Gumbel noise. End-of-sequence is
+    barred until min_new_tokens."""
 
+    def __init__(self, settings: GenerationSettings, seeds: Sequence[int], eos_ids: Sequence[int], device):
+        self.min_new_tokens, self.eos = settings.min_new_tokens, list(eos_ids)
+        self.warpers: list = []
+        self.noise = None
+        if not settings.greedy:
+            self.warpers.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_p < 1:
+                self.warpers.append(TopPLogitsWarper(settings.top_p))
+            self.noise = SeededGumbel(seeds, device)
 
-def generation_kwargs(settings: GenerationSettings, lm: LoadedModel, seeds: Sequence[int] = ()) -> dict:
-    """Every knob spelled out, so a model's own generation_config cannot change the job.
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        scores = logits.float()
+        if step < self.min_new_tokens and self.eos:
+            scores = scores.clone()
+            scores[:, self.eos] = -float("inf")
+        for warp in self.warpers:
+            scores = warp(None, scores)
+        if self.noise is not None:
+            scores = self.noise(None, scores)
+        return scores.argmax(dim=-1)
 
-    Sampling runs as greedy search over noised scores (see SeededGumbel), never generate's own RNG.
-    """
-    kwargs = dict(
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=settings.min_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        eos_token_id=list(lm.eos_token_ids),
-        pad_token_id=lm.pad_token_id,
-        return_dict_in_generate=True,
-        output_logits=True,  # the raw logits of each step: completion_loss without a second pass
-    )
-    if not settings.greedy:
-        kwargs.update(logits_processor=sampling_processors(settings, seeds, lm.device))
-    if settings.stop:
-        kwargs.update(stop_strings=list(settings.stop), tokenizer=lm.tokenizer)
-    return kwargs
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only these rows (indices into the current batch) go on."""
+        if self.noise is not None:
+            self.noise.generators = [self.noise.generators[i] for i in rows]
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -141,12 +140,17 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def cache_of(output):
+    """The KV cache a forward pass returned, under either version's name."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
 def prefix_cache(lm: LoadedModel, prefix: Sequence[int], rows: int):
     """The KV cache of the shared prefix, computed once and repeated for each row: generation then
     runs only the tokens after it (vLLM calls this prefix caching)."""
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
     last_only = {"logits_to_keep": 1} if takes_logits_to_keep(lm.model) else {}
-    cache = lm.model(input_ids=ids, use_cache=True, **last_only).past_key_values
+    cache = cache_of(lm.model(input_ids=ids, use_cache=True, **last_only))
     cache.batch_repeat_interleave(rows)
     return cache
 
@@ -161,60 +165,111 @@ def generate_batch(
     """One Generated per prompt; `seeds` (one per prompt, from sample_seed) when sampling.
 
     `continuations` (token ids to score after each prompt, or None) are scored from the prompts'
-    own KV cache, which generation has already computed: only their few tokens run.
+    own KV cache before decoding starts: only their few tokens run.
     """
     shared = shared_prefix(prompts)
     ids, mask = pad_after_prefix(prompts, shared, lm.pad_token_id, lm.device)  # [B, T]
-    kwargs = generation_kwargs(settings, lm, seeds)
-    if shared:
-        kwargs[cache_argument(lm.model)] = prefix_cache(lm, prompts[0][:shared], len(prompts))
-    out = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    new = out.sequences[:, ids.shape[1] :]  # [B, S], S <= max_new_tokens
-    step_nll = token_nll(out.logits, new)  # [B, S]
-    rows = [trim_completion(row, lm, settings) for row in new.tolist()]
-    rows = [replace(g, nll=step_nll[i, : len(g.token_ids)].mean().item()) for i, g in enumerate(rows)]
-    if any(continuations):
-        try:
-            scored = continuation_nll(lm, out, mask, continuations)
-        except Exception:  # a cache that cannot be cut back: the caller scores them by a forward pass
-            scored = [None] * len(rows)
-        rows = [replace(g, continuation_nll=nll) for g, nll in zip(rows, scored)]
+    cache = prefix_cache(lm, prompts[0][:shared], len(prompts)) if shared else None
+    logits, cache = prefill(lm, ids, mask, cache)
+    scored: list[float | None] = [None] * len(prompts)
+    if any(continuations) and getattr(cache, "is_croppable", True):
+        scored = continuation_nll(lm, cache, logits, mask, continuations)
+    chooser = Chooser(settings, seeds, lm.eos_token_ids, lm.device)
+    tokens, nlls = decode(lm, cache, logits, mask, settings, chooser)
+    rows = []
+    for new, step_nll, reference_nll in zip(tokens, nlls, scored):
+        g = trim_completion(new, lm, settings)
+        rows.append(replace(g, nll=sum(step_nll[: len(g.token_ids)]) / len(g.token_ids) if g.token_ids else None,
+                            continuation_nll=reference_nll))
     return rows
 
 
-def continuation_nll(
-    lm: LoadedModel, out, prompt_mask: torch.Tensor, continuations: Sequence[Sequence[int] | None]
-) -> list[float | None]:
-    """Mean NLL of each continuation after its (left-padded) prompt, reusing generation's cache.
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's real tokens (left padding and gaps skipped)."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
-    The cache, cut back to the prompts, holds every prompt token's keys and values; the first
-    continuation token is scored by generation's first-step logits, the rest by one forward pass
-    over the continuations (right-padded) at the positions that follow each prompt.
+
+def prefill(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, cache):
+    """Run the prompt tokens the cache does not hold yet: ([B, V] logits of the last position, cache)."""
+    held = cache.get_seq_length() if cache is not None else 0
+    kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(lm.model) else {}
+    if cache is not None:
+        kwargs[cache_argument(lm.model)] = cache
+    out = lm.model(input_ids=ids[:, held:], attention_mask=mask, position_ids=positions_of(mask)[:, held:],
+                   use_cache=True, **kwargs)
+    return out.logits[:, -1], cache_of(out)
+
+
+def decode(lm: LoadedModel, cache, logits: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings,
+           chooser: Chooser) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy (or seeded) decoding with the KV cache, one token per row per step. A row that ends
+    (end-of-sequence, stop string, max_new_tokens) leaves the batch at once: the steps after it run
+    only the rows still going, instead of carrying it to the longest row's end.
+
+    Returns each row's new tokens and each token's NLL under its step's raw logits.
+    """
+    rows = len(mask)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    nlls: list[list[float]] = [[] for _ in range(rows)]
+    active = list(range(rows))  # prompt index of each row still in the batch
+    position = positions_of(mask)[:, -1:]  # [A, 1]
+    stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0  # tokens that can hold a stop string
+    eos = set(lm.eos_token_ids)
+    for step in range(settings.max_new_tokens):
+        chosen = chooser(logits, step)  # [A]
+        nll = -torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None]).squeeze(1)  # [A]
+        going = []
+        for j, (token, value) in enumerate(zip(chosen.tolist(), nll.tolist())):
+            row = active[j]
+            tokens[row].append(token)
+            nlls[row].append(value)
+            tail = lm.tokenizer.decode(tokens[row][-stop_tail:], skip_special_tokens=True) if stop_tail else ""
+            if token not in eos and not (stop_tail and cut_at_stop(tail, settings.stop)[1]):
+                going.append(j)
+        if not going or step + 1 == settings.max_new_tokens:
+            break
+        if len(going) < len(active):
+            keep = torch.tensor(going, device=mask.device)
+            cache.batch_select_indices(keep)
+            mask, position, chosen = mask[keep], position[keep], chosen[keep]
+            chooser.keep(going)
+            active = [active[j] for j in going]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        logits = lm.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                          **{cache_argument(lm.model): cache}).logits[:, -1]
+    return tokens, nlls
+
+
+def continuation_nll(
+    lm: LoadedModel, cache, first_logits: torch.Tensor, prompt_mask: torch.Tensor,
+    continuations: Sequence[Sequence[int] | None],
+) -> list[float | None]:
+    """Mean NLL of each continuation after its (left-padded) prompt, from the prompts' KV cache.
+
+    The prompts' last logits score each continuation's first token; one forward pass over the
+    continuations (right-padded, at the positions after each prompt) scores the rest. The cache is
+    then cut back to the prompts, for decoding to go on from there. A cache that cannot be cut back
+    leaves every row None (the caller scores them by a forward pass of their own).
     """
     width = prompt_mask.shape[1]
     real = [c if c else [lm.pad_token_id] for c in continuations]  # rows without one ride along
     ids, mask = pad_batch(real, lm.pad_token_id, "right", lm.device)  # [B, R]
-    cache = out.past_key_values
-    extra = cache.get_seq_length() - width
-    if extra > 0:
-        cache.crop(-extra)  # a negative count removes that many tokens from the end
-    if cache.get_seq_length() != width:
-        raise ValueError(f"cache holds {cache.get_seq_length()} tokens after cropping to {width}")
     positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1], device=lm.device)  # [B, R]
-    logits = lm.model(
-        input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1), position_ids=positions,
-        **{cache_argument(lm.model): cache},
-    ).logits  # [B, R, V]: position j predicts continuation token j + 1
-    first = -torch.log_softmax(out.logits[0].float(), dim=-1).gather(1, ids[:, :1])  # [B, 1]
+    try:
+        logits = lm.model(
+            input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1), position_ids=positions,
+            use_cache=True, **{cache_argument(lm.model): cache},
+        ).logits  # [B, R, V]: position j predicts continuation token j + 1
+    except Exception:
+        logits = None
+    if cache.get_seq_length() > width:
+        cache.crop(width - cache.get_seq_length())  # a negative count removes that many from the end
+    if cache.get_seq_length() != width:  # decoding cannot go on from this cache
+        raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} tokens after cutting it to {width}")
+    if logits is None:
+        return [None] * len(continuations)
+    first = -torch.log_softmax(first_logits.float(), dim=-1).gather(1, ids[:, :1])  # [B, 1]
     rest = -torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)  # [B, R-1]
     nll = torch.cat([first, rest], dim=1)  # [B, R]
     return [nll[i, : len(c)].mean().item() if c else None for i, c in enumerate(continuations)]
-
-
-def token_nll(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """NLL of each generated token under the raw logits of its step: [B, S] from S x [B, V]."""
-    steps = [
-        -torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, s : s + 1]).squeeze(1)
-        for s, step in enumerate(logits)
-    ]
-    return torch.stack(steps, dim=1)
