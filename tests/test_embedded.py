@@ -56,3 +56,28 @@ def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):
         answers = score_shard(lm, ShardTask(0, 0, 16, rows), settings).column("answer_text").to_pylist()
         rates[prompt_format] = sum(a is not None for a in answers) / 16
     assert rates["cot"] >= 0.5 and rates["cot"] > rates["chat"], rates
+
+
+BF16_LOSS_BOUND = 0.025  # relative to float32; measured 1.0% at worst over the first 32 bundled rows
+
+
+def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
+    """What `--dtype auto` picks on CPUs with AVX512-BF16 or AMX (and on GPUs) keeps the grader's loss."""
+    import torch
+
+    from jobs.questions import bundled_questions, read_jsonl
+    from workers.contract import ModelSpec
+    from workers.losses import span_nll
+    from workers.models import load_model
+
+    rows = read_jsonl(bundled_questions())[:16]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(ModelSpec("embedded", "embedded", dtype, "cpu"))
+        assert lm.model.dtype == getattr(torch, dtype)
+        sequences = [lm.tokenizer(f"{r['question']} {r['answer']}")["input_ids"] for r in rows]
+        with torch.inference_mode():
+            losses[dtype] = span_nll(lm, sequences, [1] * len(sequences))
+    for full, half in zip(losses["float32"], losses["bfloat16"]):
+        assert half == pytest.approx(full, rel=BF16_LOSS_BOUND)
+    assert losses["float32"] != losses["bfloat16"]  # the half-precision pass really ran

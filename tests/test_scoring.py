@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -113,6 +114,40 @@ def test_a_shared_prefix_is_computed_once_and_changes_nothing(lm, monkeypatch):
     assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
     assert [g.nll for g in cached] == pytest.approx([g.nll for g in plain], abs=1e-4)
     assert [g.continuation_nll for g in cached] == pytest.approx([g.continuation_nll for g in plain], abs=1e-4)
+
+
+def test_a_finished_row_leaves_the_batch(lm):
+    """Rows that end early stop riding along: later steps run only the rows still going, and every
+    row's tokens and NLLs equal those it gets alone."""
+    from workers.generation import generate_batch
+    from workers.prompts import encode_text, format_prompt
+
+    chat = PromptSettings("chat")
+    prompts = [encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat) for q in QUESTIONS]
+    gen = GenerationSettings(max_new_tokens=12)
+    with torch.inference_mode():
+        free = generate_batch(lm, prompts, gen)
+    # Make row 0's third token an end-of-sequence token: row 0 ends there, rows without it go on.
+    ender = free[0].token_ids[2]
+    ending = dataclasses.replace(lm, eos_token_ids=(ender,))
+    assert any(ender not in g.token_ids for g in free)
+    rows_per_step = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_step.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            batched = generate_batch(ending, prompts, gen)
+            steps = list(rows_per_step)
+            alone = [generate_batch(ending, [p], gen)[0] for p in prompts]
+    finally:
+        hook.remove()
+    assert batched[0].token_ids == free[0].token_ids[:3] and batched[0].finish_reason == "stop"
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert [g.nll for g in batched] == pytest.approx([g.nll for g in alone], abs=1e-4)
+    decode_rows = [shape[0] for shape in steps if shape[1] == 1]  # one new token per row
+    assert decode_rows[0] == len(prompts) and decode_rows[-1] < len(prompts)
+    assert decode_rows == sorted(decode_rows, reverse=True)
+    assert sum(decode_rows) == sum(len(g.token_ids) for g in batched) - len(prompts)
 
 
 def test_greedy_results_do_not_depend_on_batch_size(lm):
@@ -284,3 +319,15 @@ def test_pickle_checkpoints_load_only_through_the_weights_only_loader(tmp_path, 
         load_model(ModelSpec(str(folder), "folder", dtype="float32", device="cpu"))
     assert "weights_only" in str(error.value) or "Weights only load failed" in str(error.value)
     assert not marker.exists()
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it():
+    from workers.models import cpu_flags, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, frozenset({"avx2", "avx512f"})) == torch.float32
+    assert resolve_dtype("auto", cpu, frozenset({"avx2", "avx512_bf16"})) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, frozenset({"amx_bf16", "amx_tile"})) == torch.bfloat16
+    assert resolve_dtype("float32", cpu, frozenset({"amx_bf16"})) == torch.float32
+    assert resolve_dtype("bfloat16", cpu, frozenset()) == torch.bfloat16
+    assert "fpu" in cpu_flags() or not Path("/proc/cpuinfo").exists()

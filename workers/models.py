@@ -35,11 +35,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+# CPU features whose matrix units make bfloat16 faster than float32. Without them (AVX2 and plain
+# AVX-512), torch converts bfloat16 in software: 4.5x slower than float32 on this project's CPUs.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:  # not Linux: no flags known, so no bfloat16 by default
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def resolve_dtype(dtype: str, device: torch.device, flags: frozenset[str] | None = None) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware computes in it natively (GPUs with bf16, CPUs with
+    AVX512-BF16 or AMX), float16 on older GPUs, float32 on other CPUs."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags):
+        return torch.bfloat16
     return torch.float32
 
 
