@@ -16,11 +16,15 @@ SETTINGS_KEY = b"bulkscore.settings"
 SUMMARY_KEY = b"bulkscore.summary"
 
 
-def output_schema(id_type: pa.DataType) -> pa.Schema:
-    """The output contract's columns, in order."""
-    head = [pa.field("id", id_type), RESULT_SCHEMA.field("sample"),
+def output_schema(questions: pa.Schema) -> pa.Schema:
+    """The output contract's columns, in order, then the input's other columns (pass-through)."""
+    head = [questions.field("id"), RESULT_SCHEMA.field("sample"),
             pa.field("question", pa.string()), pa.field("reference", pa.string())]
-    return pa.schema(head + [f for f in RESULT_SCHEMA if f.name not in ("row", "sample")])
+    contract = head + [f for f in RESULT_SCHEMA if f.name not in ("row", "sample")]
+    return pa.schema(contract + [f for f in questions if f.name not in CONTRACT_COLUMNS])
+
+
+CONTRACT_COLUMNS = frozenset(["id", "question", "reference"] + RESULT_SCHEMA.names) - {"row"}
 
 
 def summary_path(output: Location) -> Location:
@@ -34,11 +38,9 @@ def shard_rows(questions: pa.Table, result: pa.Table) -> pa.Table:
     `result` is checked and sorted by (row, sample) already; `row` indexes `questions`.
     """
     source = questions.take(result.column("row"))
-    columns = {"id": source.column("id"), "question": source.column("question"),
-               "reference": source.column("reference")}
-    columns |= {name: result.column(name) for name in RESULT_SCHEMA.names if name != "row"}
-    schema = output_schema(questions.schema.field("id").type)
-    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+    schema = output_schema(questions.schema)
+    columns = {name: result.column(name) for name in RESULT_SCHEMA.names if name != "row"}
+    return pa.table([columns[name] if name in columns else source.column(name) for name in schema.names], schema=schema)
 
 
 def versions() -> dict[str, str | None]:

@@ -1,8 +1,9 @@
-"""Read question sets (JSONL, JSON, Parquet) into one table {id, question, reference}.
+"""Read question sets (JSONL, JSON, Parquet) into one table {id, question, reference, *others}.
 
 JSON may be an array of objects or the homework's array of `[question, answer(, reasoning)]`.
 Several inputs are concatenated in the order given; ids come from the id column, or are the rows'
-0-based positions in the concatenated input.
+0-based positions in the concatenated input. The inputs' other columns pass through to the output
+with their types (a column missing from one input is null there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.errors import InputError
+from jobs.gather import CONTRACT_COLUMNS
 
 QUESTION_COLUMNS = ("question", "prompt", "input")
 ANSWER_COLUMNS = ("answer", "reference", "target", "correct_answer")
@@ -152,6 +154,25 @@ def as_text(value: object) -> str | None:
     return json.dumps(value)
 
 
+def other_columns(path: Path, data: pa.Table | list[dict], names: list[str]) -> pa.Table:
+    """The input's columns besides question, answer and id, typed as they were (JSON: inferred)."""
+    if isinstance(data, pa.Table):
+        return data.select(names)
+    try:
+        return pa.Table.from_pylist([{name: row.get(name) for name in names} for row in data])
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        mixed = next(n for n in names if not can_type([row.get(n) for row in data]))
+        raise InputError(f"{path}: column {mixed!r} mixes types (e.g. numbers and text); make it one type") from None
+
+
+def can_type(values: list) -> bool:
+    try:
+        pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
+
+
 def load_file(path: Path, columns: Columns) -> dict[str, list]:
     data = read_file(path)
     names = column_names(data)
@@ -161,7 +182,9 @@ def load_file(path: Path, columns: Columns) -> dict[str, list]:
     answer = pick_column(path, names, columns.answer, ANSWER_COLUMNS, "answer", "--answer-column")
     id_name = pick_column(path, names, columns.id, (ID_COLUMN,), "id", "--id-column")
     n = len(data) if isinstance(data, list) else data.num_rows
+    others = [name for name in names if name not in (question, answer, id_name)]
     return {
+        "others": other_columns(path, data, others) if others else pa.table({"_": pa.nulls(n)}).drop(["_"]),
         "id": column_values(data, id_name) if id_name else None,
         "question": [as_text(v) for v in column_values(data, question)],
         "reference": [as_text(v) for v in column_values(data, answer)] if answer else [None] * n,
@@ -169,7 +192,7 @@ def load_file(path: Path, columns: Columns) -> dict[str, list]:
 
 
 def load_questions(paths: Sequence[Path], columns: Columns = Columns(), limit: int | None = None) -> pa.Table:
-    """One table {id, question, reference} of every input row, in the order given."""
+    """One table {id, question, reference, *other columns} of every input row, in the order given."""
     parts = [load_file(Path(p), columns) for p in paths]
     total = sum(len(p["question"]) for p in parts)
     if total == 0:
@@ -187,7 +210,24 @@ def load_questions(paths: Sequence[Path], columns: Columns = Columns(), limit: i
             "reference": pa.array([r for p in parts for r in p["reference"]], pa.string()),
         }
     )
+    for name, column in zip(*other_table([p["others"] for p in parts], paths)):
+        table = table.append_column(name, column)
     return table.slice(0, limit) if limit is not None else table
+
+
+def other_table(tables: list[pa.Table], paths: Sequence[Path]) -> tuple[list[str], list[pa.ChunkedArray]]:
+    """The inputs' other columns stacked, and their output names: a name the output contract uses
+    for its own columns gets an `input_` prefix."""
+    try:
+        stacked = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise InputError(f"{', '.join(map(str, paths))}: a column has different types in different inputs ({error})") from None
+    names: list[str] = []
+    for name in stacked.column_names:
+        while name in CONTRACT_COLUMNS or name in names:
+            name = "input_" + name
+        names.append(name)
+    return names, stacked.columns
 
 
 def id_array(ids: list, paths: Sequence[Path]) -> pa.Array:
