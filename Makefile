@@ -11,7 +11,11 @@ BENCH_ARGS ?=
 # Every Ray process binds to 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: run test bench install clean
+# apt-get needs root: sudo where we are not.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q -y
+
+.PHONY: run test bench install browser clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +29,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/bulkscore run $(RUN_ARGS)
 
-test: install
+# The report tests open pages in Debian's Chromium, headless.
+browser:
+	@command -v chromium >/dev/null || $(APT) install --no-install-recommends chromium fonts-dejavu-core \
+		|| { $(APT) update && $(APT) install --no-install-recommends chromium fonts-dejavu-core; }
+
+test: install browser
 	$(PY) -m pytest
 
 # bulkscore against transformers one at a time, batched, and Ray Data (scripts/bench.py).

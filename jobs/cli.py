@@ -18,6 +18,7 @@ from jobs.gather import summary_path
 from jobs.parts import parts_folder
 from jobs.storage import locate
 from jobs.questions import Columns, bundled_questions, load_questions
+from jobs.report import DEFAULT_BY, build_report
 from jobs.run import RunOptions, run_job
 from jobs.settings import JobSpec, check_remote_code, prompt_settings, resolve_adapter, resolve_model
 from jobs.shards import DEFAULT_SHARD_SIZE
@@ -209,6 +210,26 @@ def export(answers, output, export_format, correct_only):
         click.echo(f"Kept {result.kept:,} of {result.total:,} questions (those with a correct sample) in {output}")
     else:
         click.echo(f"Wrote {result.kept:,} of {result.total:,} rows to {output}")
+
+
+@cli.command()
+@click.argument("answers", nargs=-1, required=True)
+@click.option("-o", "--output", help="HTML file to write: a path or a filesystem URI [default: the first ANSWERS with .html].")
+@click.option("--by", help=f"Column to break accuracy and answer rate down by (a pass-through input column) [default: {DEFAULT_BY}, where every run has it].")
+def report(answers, output, by):
+    """Write one self-contained HTML page about ANSWERS (`bulkscore run` outputs): summary,
+    histograms of loss and completion length, accuracy per --by value, errors by kind, the
+    highest-loss and wrong rows. Several outputs are compared side by side, one colour each.
+
+    Example: bulkscore report raw.parquet chat.parquet cot.parquet -o report.html
+    """
+    locations = [locate(a) for a in answers]
+    target = locate(output) if output else locations[0].sibling(locations[0].name.removesuffix(".parquet") + ".html")
+    with reported():
+        page, grouped_by = build_report(locations, by)
+        target.write_bytes(page.encode())
+    grouping = f", by {grouped_by}" if grouped_by else ""
+    click.echo(f"Wrote {target} ({len(page.encode()) / 1024:,.0f} KiB; {len(answers)} run(s){grouping})")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

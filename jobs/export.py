@@ -28,12 +28,12 @@ class Export:
     total: int  # of how many
 
 
-def read_answers(location: Location) -> pa.Table:
+def read_answers(location: Location, needed: tuple[str, ...] = NEEDED) -> pa.Table:
     try:
         table = location.read_table()
     except (OSError, pa.ArrowException) as error:
         raise InputError(f"{location}: cannot read it as Parquet ({error})") from None
-    missing = [name for name in NEEDED if name not in table.column_names]
+    missing = [name for name in needed if name not in table.column_names]
     if missing:
         raise InputError(f"{location}: not a bulkscore output (no {', '.join(missing)} column)")
     return table

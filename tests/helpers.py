@@ -105,3 +105,26 @@ def stop_head(head: dict) -> None:
         except ProcessLookupError:
             pass
     shutil.rmtree(head["temp_dir"], ignore_errors=True)
+
+
+CHROMIUM = "chromium"  # Debian's package; `make test` installs it
+BROWSER_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--disable-quic", "--no-first-run", "--hide-scrollbars",
+    "--host-resolver-rules=MAP * ~NOTFOUND",  # a page that tried the network would find nothing
+)
+
+
+def browser(page: Path, *args: str, width: int = 1280, height: int = 2400) -> subprocess.CompletedProcess:
+    """Open `page` in headless Chromium as a person would, with a fresh profile; fails loudly when
+    Chromium is missing (install Debian's `chromium`, as `make test` does)."""
+    if shutil.which(CHROMIUM) is None:
+        raise RuntimeError("these tests need Debian's chromium: apt-get install chromium (make test does)")
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        done = subprocess.run(
+            [CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", *args,
+             page.resolve().as_uri()],
+            capture_output=True, text=True, timeout=180,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done

@@ -1,0 +1,340 @@
+"""One self-contained HTML page about one or more `bulkscore run` outputs, compared side by side.
+
+No network: the styles are inline and the charts are SVG drawn here. Every text that comes from the
+data (questions, completions, settings, column values) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.errors import InputError
+from jobs.export import read_answers
+from jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind
+from jobs.storage import Location
+
+DEFAULT_BY = "category"
+COLOURS = ("#3366cc", "#dc7633", "#2e9e5b", "#a33ea1", "#b8a200", "#17a2b8", "#6c757d", "#d63384")
+NEEDED = ("id", "question", "reference", "completion", "answer_text", "is_correct", "loss",
+          "num_prompt_tokens", "num_completion_tokens", "error")
+TOP_ROWS = 10  # rows shown per run in the highest-loss and wrong-answer lists
+MAX_GROUPS = 40  # --by values shown; the rest are summed into one line
+BINS = 20
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    table: pa.Table
+    settings: dict
+    summary: dict  # as the job wrote it (elapsed time, throughput, model, versions)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the page states about one run, computed from its rows (not copied from the summary)."""
+
+    rows: int
+    errors: int
+    answered: int
+    correct: int
+    with_reference: int
+    accuracy: float | None
+    answer_rate: float | None
+    mean_loss: float | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def read_run(location: Location, name: str) -> Run:
+    table = read_answers(location, NEEDED)
+    metadata = table.schema.metadata or {}
+    settings = json.loads(metadata[SETTINGS_KEY]) if SETTINGS_KEY in metadata else {}
+    summary = json.loads(metadata[SUMMARY_KEY]) if SUMMARY_KEY in metadata else {}
+    return Run(name, table, settings, summary)
+
+
+def run_names(locations: Sequence[Location]) -> list[str]:
+    """Each file's name without `.parquet`; the whole path where two names are the same."""
+    stems = [loc.name.removesuffix(".parquet") for loc in locations]
+    return [s if stems.count(s) == 1 else str(loc) for s, loc in zip(stems, locations)]
+
+
+def figures(table: pa.Table) -> Figures:
+    rows = table.num_rows
+    with_reference = count(pc.is_valid(table.column("reference")))
+    answered = count(pc.is_valid(table.column("answer_text")))
+    correct = count(pc.fill_null(table.column("is_correct"), False))
+    return Figures(
+        rows=rows,
+        errors=count(pc.is_valid(table.column("error"))),
+        answered=answered,
+        correct=correct,
+        with_reference=with_reference,
+        accuracy=correct / with_reference if with_reference else None,
+        answer_rate=answered / rows if rows else None,
+        mean_loss=pc.mean(table.column("loss")).as_py(),
+        prompt_tokens=pc.sum(table.column("num_prompt_tokens")).as_py() or 0,
+        completion_tokens=pc.sum(table.column("num_completion_tokens")).as_py() or 0,
+    )
+
+
+def count(mask: pa.ChunkedArray) -> int:
+    return pc.sum(mask).as_py() or 0
+
+
+def percent(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def number(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def esc(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def swatch(i: int) -> str:
+    return f'<span class="swatch" style="background:{COLOURS[i % len(COLOURS)]}"></span>'
+
+
+def run_heads(runs: Sequence[Run], first: str) -> str:
+    cells = "".join(f"<th>{swatch(i)}{esc(r.name)}</th>" for i, r in enumerate(runs))
+    return f"<tr><th>{esc(first)}</th>{cells}</tr>"
+
+
+def summary_section(runs: Sequence[Run]) -> str:
+    stats = [figures(r.table) for r in runs]
+    lines = [
+        ("rows", "rows", [f"{f.rows:,}" for f in stats]),
+        ("errors", "errors", [f"{f.errors:,}" for f in stats]),
+        ("accuracy", "accuracy", [f"{percent(f.accuracy)} ({f.correct:,} of {f.with_reference:,})" for f in stats]),
+        ("answer_rate", "answer rate", [f"{percent(f.answer_rate)} ({f.answered:,})" for f in stats]),
+        ("mean_loss", "mean loss", [number(f.mean_loss) for f in stats]),
+        ("prompt_tokens", "prompt tokens", [f"{f.prompt_tokens:,}" for f in stats]),
+        ("completion_tokens", "completion tokens", [f"{f.completion_tokens:,}" for f in stats]),
+        ("elapsed_s", "elapsed", [f"{number(r.summary.get('elapsed_s'), 1)} s" for r in runs]),
+        ("rows_per_s", "rows/s", [number(r.summary.get("rows_per_s"), 2) for r in runs]),
+        ("tokens_per_s", "tokens/s", [number(r.summary.get("tokens_per_s"), 1) for r in runs]),
+        ("model", "model", [esc(r.summary.get("model") or r.settings.get("model", {}).get("source")) for r in runs]),
+        ("adapter", "adapter", [esc(r.summary.get("adapter")) or "–" for r in runs]),
+    ]
+    body = "".join(
+        f'<tr><th>{label}</th>{"".join(f"<td data-metric={key!r} data-run={i}>{v}</td>" for i, v in enumerate(values))}</tr>'
+        for key, label, values in lines
+    )
+    return f'<section id="summary"><h2>Summary</h2><table class="grid">{run_heads(runs, "")}{body}</table></section>'
+
+
+def flat(settings: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[prefix + key] = text if len(text) <= 120 else text[:117] + "..."
+    return out
+
+
+def settings_section(runs: Sequence[Run]) -> str:
+    flats = [flat(r.settings) for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    rows = []
+    for key in keys:
+        values = [f.get(key, "–") for f in flats]
+        differs = " class=differs" if len(set(values)) > 1 else ""
+        rows.append(f"<tr{differs}><th>{esc(key)}</th>{''.join(f'<td>{esc(v)}</td>' for v in values)}</tr>")
+    return (f'<section id="settings"><h2>Settings</h2><details><summary>{len(keys)} settings'
+            f'{" (differences highlighted)" if len(runs) > 1 else ""}</summary>'
+            f'<table class="grid">{run_heads(runs, "setting")}{"".join(rows)}</table></details></section>')
+
+
+def histogram(series: Sequence[Sequence[float]], names: Sequence[str], title: str, integer: bool) -> str:
+    """An SVG histogram with shared bins, one colour per run, bars of a bin side by side."""
+    values = [v for s in series for v in s]
+    width, height, left, bottom, top = 600, 240, 48, 36, 12
+    if not values:
+        return f'<figure><figcaption>{esc(title)}</figcaption><p class="none">no values</p></figure>'
+    lo, hi = min(values), max(values)
+    if integer:
+        lo, hi = math.floor(lo), math.floor(hi) + 1
+        step = max(1, math.ceil((hi - lo) / BINS))
+        edges = [lo + step * i for i in range(math.ceil((hi - lo) / step) + 1)]
+    else:
+        hi = hi if hi > lo else lo + 1
+        edges = [lo + (hi - lo) * i / BINS for i in range(BINS + 1)]
+    bins = len(edges) - 1
+    counts = [[0] * bins for _ in series]
+    for run, s in enumerate(series):
+        for v in s:
+            counts[run][min(bins - 1, max(0, int((v - edges[0]) / (edges[-1] - edges[0]) * bins)))] += 1
+    tallest = max(max(c) for c in counts) or 1
+    plot_w, plot_h = width - left - 24, height - bottom - top
+    slot = plot_w / bins
+    bar = slot * 0.9 / len(series)
+    parts = [f'<svg width="{width}" height="{height}" role="img" '
+             f'aria-label="{esc(title)}">',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>',
+             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{tallest}</text>',
+             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>']
+    for run, c in enumerate(counts):
+        for b, n in enumerate(c):
+            if n:
+                h = plot_h * n / tallest
+                x = left + b * slot + slot * 0.05 + run * bar
+                parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
+                             f'fill="{COLOURS[run % len(COLOURS)]}"><title>{esc(names[run])}: {n} rows in '
+                             f'[{edges[b]:.3g}, {edges[b + 1]:.3g})</title></rect>')
+    for i in range(0, bins + 1, max(1, bins // 5)):
+        x = left + i * slot
+        label = f"{edges[i]:g}" if integer else f"{edges[i]:.2f}"
+        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">{esc(title)}</text></svg>')
+    return f'<figure data-histogram="{esc(title)}">{"".join(parts)}</figure>'
+
+
+def charts_section(runs: Sequence[Run]) -> str:
+    names = [r.name for r in runs]
+    loss = histogram([r.table.column("loss").drop_null().to_pylist() for r in runs], names, "loss (nats)", False)
+    ok = [r.table.filter(pc.is_null(r.table.column("error"))) for r in runs]
+    tokens = histogram([t.column("num_completion_tokens").to_pylist() for t in ok], names, "num_completion_tokens", True)
+    legend = "".join(f"<span class=legend>{swatch(i)}{esc(n)}</span>" for i, n in enumerate(names))
+    return f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{loss}{tokens}</div></section>'
+
+
+def group_figures(table: pa.Table, by: str) -> dict[str, Figures]:
+    keys = [json.dumps(v) if isinstance(v, (dict, list)) else ("(none)" if v is None else str(v))
+            for v in table.column(by).to_pylist()]
+    order = [k for k, _ in Counter(keys).most_common()]
+    indices: dict[str, list[int]] = {k: [] for k in order}
+    for i, k in enumerate(keys):
+        indices[k].append(i)
+    return {k: figures(table.take(indices[k])) for k in order}
+
+
+def by_section(runs: Sequence[Run], by: str | None) -> str:
+    if by is None:
+        return ""
+    per_run = [group_figures(r.table, by) for r in runs]
+    values: list[str] = []
+    for groups in per_run:
+        values += [v for v in groups if v not in values]
+    shown = sorted(values[:MAX_GROUPS])
+    rows = []
+    for value in shown:
+        cells = []
+        for i, groups in enumerate(per_run):
+            f = groups.get(value)
+            if f is None:
+                cells.append("<td>–</td>")
+                continue
+            bar = "" if f.accuracy is None else (
+                f'<div class="bar" style="width:{100 * f.accuracy:.1f}%;background:{COLOURS[i % len(COLOURS)]}"></div>')
+            cells.append(f'<td data-group="{esc(value)}" data-run={i}><span data-metric="accuracy">{percent(f.accuracy)}'
+                         f'</span> · answered <span data-metric="answer_rate">{percent(f.answer_rate)}</span> · '
+                         f'<span data-metric="rows">{f.rows:,}</span> rows{bar}</td>')
+        rows.append(f"<tr><th>{esc(value)}</th>{''.join(cells)}</tr>")
+    more = f"<p>{len(values) - MAX_GROUPS} more values not shown.</p>" if len(values) > MAX_GROUPS else ""
+    return (f'<section id="by"><h2>Accuracy and answer rate by {esc(by)}</h2>'
+            f'<table class="grid">{run_heads(runs, by)}{"".join(rows)}</table>{more}</section>')
+
+
+def errors_section(runs: Sequence[Run]) -> str:
+    parts = []
+    for i, run in enumerate(runs):
+        failed = run.table.filter(pc.is_valid(run.table.column("error"))).select(["id", "question", "error"]).to_pylist()
+        kinds = Counter(error_kind(r["error"]) for r in failed)
+        if not failed:
+            parts.append(f"<h3>{swatch(i)}{esc(run.name)}</h3><p class=none>No errors.</p>")
+            continue
+        blocks = []
+        for kind, n in kinds.most_common():
+            rows = [r for r in failed if error_kind(r["error"]) == kind][:TOP_ROWS]
+            body = "".join(f"<tr><td>{esc(r['id'])}</td><td>{esc(r['question'])}</td><td>{esc(r['error'])}</td></tr>"
+                           for r in rows)
+            blocks.append(f'<details open><summary data-error-kind="{esc(kind)}" data-run={i}>{esc(kind)}: '
+                          f'{n:,} row(s)</summary><table class="rows"><tr><th>id</th><th>question</th>'
+                          f'<th>error</th></tr>{body}</table></details>')
+        parts.append(f"<h3>{swatch(i)}{esc(run.name)}</h3>{''.join(blocks)}")
+    return f'<section id="errors"><h2>Errors by kind</h2>{"".join(parts)}</section>'
+
+
+def row_table(rows: list[dict], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td class={'text' if c in ('question', 'completion') else 'cell'}>"
+                         f"{esc(number(r[c]) if isinstance(r[c], float) else r[c])}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f'<table class="rows">{head and f"<tr>{head}</tr>"}{body}</table>'
+
+
+def rows_section(runs: Sequence[Run]) -> str:
+    parts = []
+    for i, run in enumerate(runs):
+        t = run.table.filter(pc.is_valid(run.table.column("loss")))
+        worst = t.take(pc.select_k_unstable(t.column("loss"), TOP_ROWS, [("loss", "descending")])) if t.num_rows else t
+        worst_rows = sorted(worst.to_pylist(), key=lambda r: -r["loss"])
+        wrong = run.table.filter(pc.equal(pc.fill_null(run.table.column("is_correct"), True), False)).slice(0, TOP_ROWS)
+        parts.append(
+            f"<h3>{swatch(i)}{esc(run.name)}</h3>"
+            f"<h4>Highest loss</h4>"
+            + (row_table(worst_rows, ("id", "loss", "question", "reference", "completion")) if worst_rows
+               else "<p class=none>No losses.</p>")
+            + f"<h4>Wrong answers (first {TOP_ROWS})</h4>"
+            + (row_table(wrong.to_pylist(), ("id", "question", "reference", "answer_text", "completion"))
+               if wrong.num_rows else "<p class=none>No wrong answers graded.</p>")
+        )
+    return f'<section id="rows"><h2>Rows to look at</h2>{"".join(parts)}</section>'
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:15px;margin:16px 0 6px}h4{font-size:13px;margin:10px 0 4px;color:#555}
+table{border-collapse:collapse}th,td{padding:4px 8px;border:1px solid #e2e2e2;vertical-align:top;text-align:left}
+table.grid td{min-width:140px}tr.differs{background:#fff6d6}
+table.rows{width:100%;table-layout:fixed}table.rows td.text{white-space:pre-wrap;word-break:break-word}
+table.rows td.cell{word-break:break-all}
+.swatch{display:inline-block;width:10px;height:10px;margin-right:6px;border-radius:2px}
+.legend{margin-right:16px}.bar{height:4px;margin-top:3px;border-radius:2px}
+.charts{display:flex;flex-wrap:wrap;gap:24px}figure{margin:0}svg text{font-size:11px;fill:#333}
+.none{color:#777;font-style:italic}summary{cursor:pointer}
+"""
+
+
+def render_report(runs: Sequence[Run], by: str | None) -> str:
+    title = "bulkscore report: " + ", ".join(r.name for r in runs)
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'; img-src data:">'
+        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{esc(title)}</h1>"
+        + summary_section(runs) + charts_section(runs) + by_section(runs, by) + errors_section(runs)
+        + rows_section(runs) + settings_section(runs)
+        + "</body></html>\n"
+    )
+
+
+def build_report(locations: Sequence[Location], by: str | None) -> tuple[str, str | None]:
+    """(the page, the column it groups by). `by` None: `category` where every run has it."""
+    runs = [read_run(loc, name) for loc, name in zip(locations, run_names(locations))]
+    if by is not None:
+        missing = [str(loc) for loc, r in zip(locations, runs) if by not in r.table.column_names]
+        if missing:
+            raise InputError(f"--by {by}: no such column in {', '.join(missing)}; columns: "
+                             f"{', '.join(runs[0].table.column_names)}")
+    elif all(DEFAULT_BY in r.table.column_names for r in runs):
+        by = DEFAULT_BY
+    return render_report(runs, by), by
