@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from jobs.errors import JobError
 
@@ -44,6 +45,14 @@ def bind_to_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def use_token_if_present() -> None:
+    """Ray's clients send the cluster token only with RAY_AUTH_MODE=token; turn it on when one exists."""
+    if "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[str]:
     """Connected to Ray for the block; a private instance listens on 127.0.0.1 with no dashboard.
@@ -54,6 +63,8 @@ def ray_session(address: str | None) -> Iterator[str]:
     address = address or os.environ.get("RAY_ADDRESS")
     if is_private(address):
         bind_to_loopback()
+    else:
+        use_token_if_present()  # read when Ray loads its config: before `import ray`
     import ray
 
     if ray.is_initialized():

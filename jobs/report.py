@@ -277,15 +277,14 @@ def row_table(rows: list[dict], columns: Sequence[str]) -> str:
                          f"{esc(number(r[c]) if isinstance(r[c], float) else r[c])}</td>" for c in columns) + "</tr>"
         for r in rows
     )
-    return f'<table class="rows">{head and f"<tr>{head}</tr>"}{body}</table>'
+    return f'<table class="rows"><tr>{head}</tr>{body}</table>'
 
 
 def rows_section(runs: Sequence[Run]) -> str:
     parts = []
     for i, run in enumerate(runs):
-        t = run.table.filter(pc.is_valid(run.table.column("loss")))
-        worst = t.take(pc.select_k_unstable(t.column("loss"), TOP_ROWS, [("loss", "descending")])) if t.num_rows else t
-        worst_rows = sorted(worst.to_pylist(), key=lambda r: -r["loss"])
+        scored = run.table.filter(pc.is_valid(run.table.column("loss")))
+        worst_rows = scored.sort_by([("loss", "descending")]).slice(0, TOP_ROWS).to_pylist()
         wrong = run.table.filter(pc.equal(pc.fill_null(run.table.column("is_correct"), True), False)).slice(0, TOP_ROWS)
         parts.append(
             f"<h3>{swatch(i)}{esc(run.name)}</h3>"

@@ -9,6 +9,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from jobs.cluster import use_token_if_present
 from jobs.errors import JobError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -19,14 +20,6 @@ def jobs_address(address: str | None) -> str:
     if not found:
         raise JobError("no Ray Jobs address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
     return found
-
-
-def use_token_if_present() -> None:
-    """Ray's clients send the cluster token only with RAY_AUTH_MODE=token; turn it on when one exists."""
-    if "RAY_AUTH_MODE" not in os.environ and (
-        os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
-    ):
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def jobs_client(address: str | None):

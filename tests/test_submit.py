@@ -121,13 +121,15 @@ def test_wrong_token_and_missing_address_are_clear(jobs_api, monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("kind", ["gcs", "client"])
 def test_run_joins_a_cluster_by_address(head, tiny_model, tmp_path, kind):
-    """`run --address HOST:PORT` (or ray://HOST:PORT) uses that cluster, not a private instance."""
+    """`run --address HOST:PORT` (or ray://HOST:PORT) uses that cluster, not a private instance; the
+    cluster's token (~/.ray/auth_token) is sent without RAY_AUTH_MODE being set, as `submit` does."""
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
     output = tmp_path / "answers.parquet"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
+    unset = ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION", "RAY_AUTH_MODE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     done = subprocess.run([str(BIN / "bulkscore"), "run", str(questions), "--model", str(tiny_model), "-o", str(output),
                            "--max-new-tokens", "4", "--address", head[kind]],
-                          env=env | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"for 1 shard(s) on the Ray cluster at {head[kind]}..." in done.stderr
     assert pq.read_table(output).column("error").to_pylist() == [None] * 3
