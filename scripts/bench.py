@@ -10,6 +10,9 @@ model load included), with greedy decoding of chat prompts:
   raydata    Ray Data: read_json -> map_batches(a callable class holding the model, batches of 32)
              -> write_parquet
   bulkscore  `bulkscore run` at its defaults (which also computes the three losses)
+  warm       the same `bulkscore run --address` to a Ray head already running on 127.0.0.1 (as after
+             `ray start --head`): start-up without Ray's own start; the head is started before the
+             clock and stopped by process id after
 Prints wall time, rows/s, generated tokens/s and each peer's time over bulkscore's (how many times
 faster bulkscore is). `make bench` runs it; on a machine with a GPU, the peers use it.
 """
@@ -28,7 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PEERS = ("one", "batched", "raydata", "bulkscore")
+from tests.helpers import start_head, stop_head  # noqa: E402
+
+PEERS = ("one", "batched", "raydata", "bulkscore", "warm")
 PEER_BATCH = 32
 
 
@@ -105,10 +110,12 @@ def run_raydata(args) -> None:
 
 def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
     output = folder / f"{name}.parquet"
-    if name == "bulkscore":
+    if name in ("bulkscore", "warm"):
         model = [] if args.model_given is None else ["--model", args.model]
+        address = ["--address", args.head["gcs"]] if name == "warm" else []
         return ([str(Path(sys.executable).parent / "bulkscore"), "run", str(args.input), "-o", str(output),
-                 "--max-new-tokens", str(args.max_new_tokens), "--quiet", *model, *args.bulkscore_args], output)
+                 "--max-new-tokens", str(args.max_new_tokens), "--quiet", *address, *model, *args.bulkscore_args],
+                output)
     return ([sys.executable, __file__, "--peer", name, "--input", str(args.input), "--output", str(output),
              "--model", args.model, "--device", args.device, "--max-new-tokens", str(args.max_new_tokens)], output)
 
@@ -135,6 +142,23 @@ def compare(args) -> None:
     args.input.write_text("".join(line + "\n" for line in lines))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     results = {}
+    args.head = start_head() if "warm" in args.peers else None
+    try:
+        run_peers(args, folder, env, results)
+    finally:
+        if args.head:
+            stop_head(args.head)
+    reference = results.get("bulkscore", (None, None))[0]
+    print(f"{args.questions} questions x {args.max_new_tokens} new tokens, chat prompts, greedy; "
+          f"{time.strftime('%Y-%m-%d')}, {machine()}")
+    print("| peer | wall s | rows/s | generated tokens/s | peer time / bulkscore time |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (wall, tokens) in results.items():
+        ratio = f"{wall / reference:.2f}" if reference else "-"
+        print(f"| {name} | {wall:.1f} | {args.questions / wall:.2f} | {tokens / wall:.1f} | {ratio} |")
+
+
+def run_peers(args, folder: Path, env: dict, results: dict) -> None:
     for name in args.peers:
         command, output = peer_command(name, args, folder)
         started = time.perf_counter()
@@ -144,17 +168,9 @@ def compare(args) -> None:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = (wall, generated_tokens(output))
         print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
-        if name == "bulkscore":
+        if name in ("bulkscore", "warm"):
             summary = json.loads(output.with_suffix(".summary.json").read_text())
-            print(f"  bulkscore timings: {json.dumps(summary.get('timings'))}", file=sys.stderr)
-    reference = results.get("bulkscore", (None, None))[0]
-    print(f"{args.questions} questions x {args.max_new_tokens} new tokens, chat prompts, greedy; "
-          f"{time.strftime('%Y-%m-%d')}, {machine()}")
-    print("| peer | wall s | rows/s | generated tokens/s | peer time / bulkscore time |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, (wall, tokens) in results.items():
-        ratio = f"{wall / reference:.2f}" if reference else "-"
-        print(f"| {name} | {wall:.1f} | {args.questions / wall:.2f} | {tokens / wall:.1f} | {ratio} |")
+            print(f"  {name} timings: {json.dumps(summary.get('timings'))}", file=sys.stderr)
 
 
 def main() -> None:
