@@ -11,12 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from pyarrow import ArrowException
 
 from jobs.errors import JobError
 from jobs.export import EXPORT_FORMATS, export_answers
 from jobs.gather import summary_path
 from jobs.parts import parts_folder
-from jobs.storage import locate
+from jobs.storage import Location, locate
 from jobs.questions import Columns, bundled_questions, load_questions
 from jobs.report import DEFAULT_BY, build_report
 from jobs.run import RunOptions, run_job
@@ -166,6 +167,13 @@ def check_prompt_usage(prompt_format: str, system: str | None, examples: Path | 
         raise click.BadParameter("the raw format sends the question alone; use --prompt-format chat or cot", param_hint="--system")
 
 
+def write_file(target: Location, data: bytes) -> None:
+    try:
+        target.write_bytes(data)
+    except (OSError, ArrowException) as error:
+        raise JobError(f"cannot write {target}: {error}") from None
+
+
 def check_local_output(output: Path) -> None:
     if output.is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file path such as {output / 'answers.parquet'}", param_hint="--output")
@@ -205,7 +213,7 @@ def export(answers, output, export_format, correct_only):
     """
     with reported():
         result = export_answers(locate(answers), export_format, correct_only)
-        locate(output).write_bytes(result.text.encode())
+        write_file(locate(output), result.text.encode())
     if export_format == "rft-json":
         click.echo(f"Kept {result.kept:,} of {result.total:,} questions (those with a correct sample) in {output}")
     else:
@@ -227,7 +235,7 @@ def report(answers, output, by):
     target = locate(output) if output else locations[0].sibling(locations[0].name.removesuffix(".parquet") + ".html")
     with reported():
         page, grouped_by = build_report(locations, by)
-        target.write_bytes(page.encode())
+        write_file(target, page.encode())
     grouping = f", by {grouped_by}" if grouped_by else ""
     click.echo(f"Wrote {target} ({len(page.encode()) / 1024:,.0f} KiB; {len(answers)} run(s){grouping})")
 

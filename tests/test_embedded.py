@@ -34,6 +34,14 @@ def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert summary["model"] == "SmolLM2-135M-Instruct"
     assert summary["rows"] == 6 and summary["errors"] == 0
+    # The bundled set's category passes through, and the report breaks accuracy down by it.
+    assert table["category"] == ["time", "mass", "data", "speed", "speed", "volume"]
+    done = subprocess.run([str(Path(sys.executable).parent / "bulkscore"), "report", str(output)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("1 run(s), by category)")
+    page = output.with_suffix(".html").read_text()
+    assert "Accuracy and answer rate by category" in page and "SmolLM2-135M-Instruct" in page
 
 
 def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):

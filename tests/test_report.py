@@ -232,3 +232,12 @@ def test_by_groups_by_any_pass_through_column_and_refuses_a_missing_one(runs, tm
     assert result.output.startswith(f"Error: --by category: no such column in {runs['bare']}; columns: id, sample,")
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.parquet")])
     assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'missing.parquet'}: cannot read it")
+
+
+def test_an_unwritable_page_is_an_error_not_a_traceback(runs, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    for command in (["report", str(runs["bare"])], ["export", str(runs["bare"])]):
+        result = CliRunner().invoke(cli, [*command, "-o", str(blocked / "page.html")])
+        assert result.exit_code == 1
+        assert result.output.startswith(f"Error: cannot write {blocked / 'page.html'}: ")
