@@ -38,6 +38,10 @@ def test_four_formats_give_identical_rows(tmp_path):
         "question": [q["question"] for q in QUESTIONS],
         "reference": ["6000", "2500.0", "180", "0.75", "2000", "Paris", "90", "16.09344"],
     }
+    # The homework's third element, the reasoning, passes through as a column of its own.
+    reasoning = tables.pop("pairs")
+    assert reasoning.column("reasoning").to_pylist() == [None, "some reasoning"] * (len(QUESTIONS) // 2)
+    tables["pairs"] = reasoning.drop_columns(["reasoning"])
     for name, table in tables.items():
         assert table.to_pydict() == expected, name
         assert table.schema == pa.schema([("id", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
@@ -45,6 +49,7 @@ def test_four_formats_give_identical_rows(tmp_path):
     spec = JobSpec(("x",), locate("a.parquet"), ModelSpec("", "embedded"),
                    ScoringSettings(PromptSettings(), GenerationSettings(), GradingSettings()), 64, None)
     assert len({fingerprint(spec, table) for table in tables.values()}) == 1
+    assert fingerprint(spec, reasoning) != fingerprint(spec, tables["pairs"])  # more content, another job
 
 
 def test_parquet_folder_and_numeric_answers(tmp_path):
