@@ -155,9 +155,13 @@ def as_text(value: object) -> str | None:
 
 
 def other_columns(path: Path, data: pa.Table | list[dict], names: list[str]) -> pa.Table:
-    """The input's columns besides question, answer and id, typed as they were (JSON: inferred)."""
+    """The input's columns besides question, answer and id, typed as they were (JSON: inferred).
+
+    Always one row per input row, even with no columns, so that inputs stack row for row."""
     if isinstance(data, pa.Table):
         return data.select(names)
+    if not names:
+        return pa.table({"_": pa.nulls(len(data))}).select([])
     try:
         return pa.Table.from_pylist([{name: row.get(name) for name in names} for row in data])
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -184,7 +188,7 @@ def load_file(path: Path, columns: Columns) -> dict[str, list]:
     n = len(data) if isinstance(data, list) else data.num_rows
     others = [name for name in names if name not in (question, answer, id_name)]
     return {
-        "others": other_columns(path, data, others) if others else pa.table({"_": pa.nulls(n)}).drop(["_"]),
+        "others": other_columns(path, data, others),
         "id": column_values(data, id_name) if id_name else None,
         "question": [as_text(v) for v in column_values(data, question)],
         "reference": [as_text(v) for v in column_values(data, answer)] if answer else [None] * n,

@@ -127,3 +127,16 @@ def test_null_or_empty_questions_are_rows_not_file_errors(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": None, "answer": 1}, {"question": "", "answer": 2},
                                               {"question": "ok?", "answer": 3}])
     assert load_questions([path]).column("question").to_pylist() == [None, "", "ok?"]
+
+
+def test_other_columns_stack_row_for_row_across_inputs(tmp_path):
+    """A column one input lacks is null in its rows; mixed types in one column are refused."""
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"question": "a?", "answer": 1}, {"question": "b?", "answer": 2}])
+    tagged = write_jsonl(tmp_path / "tagged.jsonl", [{"question": "c?", "answer": 3, "category": "mass", "level": 2}])
+    table = load_questions([plain, tagged])
+    assert table.column_names == ["id", "question", "reference", "category", "level"]
+    assert table.column("category").to_pylist() == [None, None, "mass"]
+    assert table.column("level").type == pa.int64() and table.column("level").to_pylist() == [None, None, 2]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "a?", "level": 1}, {"question": "b?", "level": "two"}])
+    with pytest.raises(InputError, match=r"mixed.jsonl: column 'level' mixes types \(e.g. numbers and text\); make it one type"):
+        load_questions([mixed])
