@@ -235,9 +235,10 @@ def report(answers, output, by):
     target = locate(output) if output else locations[0].sibling(locations[0].name.removesuffix(".parquet") + ".html")
     with reported():
         page, grouped_by = build_report(locations, by)
-        write_file(target, page.encode())
+        data = page.encode()
+        write_file(target, data)
     grouping = f", by {grouped_by}" if grouped_by else ""
-    click.echo(f"Wrote {target} ({len(page.encode()) / 1024:,.0f} KiB; {len(answers)} run(s){grouping})")
+    click.echo(f"Wrote {target} ({len(data) / 1024:,.0f} KiB; {len(answers)} run(s){grouping})")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -54,8 +54,7 @@ def versions() -> dict[str, str | None]:
 
 
 def mean(column: pa.ChunkedArray) -> float | None:
-    value = pc.mean(column).as_py()
-    return None if value is None else round(value, 6)
+    return rounded(pc.mean(column).as_py())
 
 
 def error_kind(error: str) -> str:
@@ -63,32 +62,56 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
+def count(mask: pa.ChunkedArray) -> int:
+    return pc.sum(mask).as_py() or 0
+
+
+def row_figures(table: pa.Table) -> dict:
+    """Counts and rates over output rows, i.e. (input row, sample) pairs, unrounded: what the job's
+    summary and the report state, for the whole output or any slice of it."""
+    samples = table.num_rows
+    with_reference = count(pc.is_valid(table.column("reference")))
+    correct = count(pc.fill_null(table.column("is_correct"), False))
+    answered = count(pc.is_valid(table.column("answer_text")))
+    return {
+        "samples": samples,
+        "errors": count(pc.is_valid(table.column("error"))),
+        "answered": answered,
+        "correct": correct,
+        "with_reference": with_reference,
+        "accuracy": correct / with_reference if with_reference else None,
+        "answer_rate": answered / samples if samples else None,
+        "mean_loss": pc.mean(table.column("loss")).as_py(),
+        "prompt_tokens": count(table.column("num_prompt_tokens")),
+        "completion_tokens": count(table.column("num_completion_tokens")),
+    }
+
+
+def rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
 def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> dict:
     """The job's figures. Counts and rates are over output rows, i.e. (input row, sample) pairs."""
-    samples = table.num_rows
-    with_reference = pc.sum(pc.is_valid(table.column("reference"))).as_py() or 0
-    correct = pc.sum(pc.fill_null(table.column("is_correct"), False)).as_py() or 0
-    answered = pc.sum(pc.is_valid(table.column("answer_text"))).as_py() or 0
-    completion_tokens = pc.sum(table.column("num_completion_tokens")).as_py() or 0
-    errors = pc.sum(pc.is_valid(table.column("error"))).as_py() or 0
+    f = row_figures(table)
     kinds = Counter(error_kind(e) for e in table.column("error").drop_null().to_pylist())
     return {
         "rows": num_rows,
-        "samples": samples,
-        "errors": errors,
+        "samples": f["samples"],
+        "errors": f["errors"],
         "error_kinds": dict(sorted(kinds.items())),
-        "answered": answered,
-        "correct": correct,
-        "accuracy": round(correct / with_reference, 6) if with_reference else None,
-        "answer_rate": round(answered / samples, 6) if samples else None,
-        "mean_loss": mean(table.column("loss")),
+        "answered": f["answered"],
+        "correct": f["correct"],
+        "accuracy": rounded(f["accuracy"]),
+        "answer_rate": rounded(f["answer_rate"]),
+        "mean_loss": rounded(f["mean_loss"]),
         "mean_completion_loss": mean(table.column("completion_loss")),
         "mean_reference_loss": mean(table.column("reference_loss")),
-        "prompt_tokens": pc.sum(table.column("num_prompt_tokens")).as_py() or 0,
-        "completion_tokens": completion_tokens,
+        "prompt_tokens": f["prompt_tokens"],
+        "completion_tokens": f["completion_tokens"],
         "elapsed_s": round(elapsed_s, 3),
         "rows_per_s": round(num_rows / elapsed_s, 3) if elapsed_s > 0 else None,
-        "tokens_per_s": round(completion_tokens / elapsed_s, 3) if elapsed_s > 0 else None,
+        "tokens_per_s": round(f["completion_tokens"] / elapsed_s, 3) if elapsed_s > 0 else None,
     } | extra | {"versions": versions()}
 
 

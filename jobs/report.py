@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from jobs.errors import InputError
 from jobs.export import read_answers
-from jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind
+from jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind, row_figures
 from jobs.storage import Location
 
 DEFAULT_BY = "category"
@@ -38,22 +38,6 @@ class Run:
     summary: dict  # as the job wrote it (elapsed time, throughput, model, versions)
 
 
-@dataclass(frozen=True)
-class Figures:
-    """What the page states about one run, computed from its rows (not copied from the summary)."""
-
-    rows: int
-    errors: int
-    answered: int
-    correct: int
-    with_reference: int
-    accuracy: float | None
-    answer_rate: float | None
-    mean_loss: float | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
 def read_run(location: Location, name: str) -> Run:
     table = read_answers(location, NEEDED)
     metadata = table.schema.metadata or {}
@@ -66,29 +50,6 @@ def run_names(locations: Sequence[Location]) -> list[str]:
     """Each file's name without `.parquet`; the whole path where two names are the same."""
     stems = [loc.name.removesuffix(".parquet") for loc in locations]
     return [s if stems.count(s) == 1 else str(loc) for s, loc in zip(stems, locations)]
-
-
-def figures(table: pa.Table) -> Figures:
-    rows = table.num_rows
-    with_reference = count(pc.is_valid(table.column("reference")))
-    answered = count(pc.is_valid(table.column("answer_text")))
-    correct = count(pc.fill_null(table.column("is_correct"), False))
-    return Figures(
-        rows=rows,
-        errors=count(pc.is_valid(table.column("error"))),
-        answered=answered,
-        correct=correct,
-        with_reference=with_reference,
-        accuracy=correct / with_reference if with_reference else None,
-        answer_rate=answered / rows if rows else None,
-        mean_loss=pc.mean(table.column("loss")).as_py(),
-        prompt_tokens=pc.sum(table.column("num_prompt_tokens")).as_py() or 0,
-        completion_tokens=pc.sum(table.column("num_completion_tokens")).as_py() or 0,
-    )
-
-
-def count(mask: pa.ChunkedArray) -> int:
-    return pc.sum(mask).as_py() or 0
 
 
 def percent(x: float | None) -> str:
@@ -113,15 +74,15 @@ def run_heads(runs: Sequence[Run], first: str) -> str:
 
 
 def summary_section(runs: Sequence[Run]) -> str:
-    stats = [figures(r.table) for r in runs]
+    stats = [row_figures(r.table) for r in runs]
     lines = [
-        ("rows", "rows", [f"{f.rows:,}" for f in stats]),
-        ("errors", "errors", [f"{f.errors:,}" for f in stats]),
-        ("accuracy", "accuracy", [f"{percent(f.accuracy)} ({f.correct:,} of {f.with_reference:,})" for f in stats]),
-        ("answer_rate", "answer rate", [f"{percent(f.answer_rate)} ({f.answered:,})" for f in stats]),
-        ("mean_loss", "mean loss", [number(f.mean_loss) for f in stats]),
-        ("prompt_tokens", "prompt tokens", [f"{f.prompt_tokens:,}" for f in stats]),
-        ("completion_tokens", "completion tokens", [f"{f.completion_tokens:,}" for f in stats]),
+        ("rows", "rows", [f"{f['samples']:,}" for f in stats]),
+        ("errors", "errors", [f"{f['errors']:,}" for f in stats]),
+        ("accuracy", "accuracy", [f"{percent(f['accuracy'])} ({f['correct']:,} of {f['with_reference']:,})" for f in stats]),
+        ("answer_rate", "answer rate", [f"{percent(f['answer_rate'])} ({f['answered']:,})" for f in stats]),
+        ("mean_loss", "mean loss", [number(f["mean_loss"]) for f in stats]),
+        ("prompt_tokens", "prompt tokens", [f"{f['prompt_tokens']:,}" for f in stats]),
+        ("completion_tokens", "completion tokens", [f"{f['completion_tokens']:,}" for f in stats]),
         ("elapsed_s", "elapsed", [f"{number(r.summary.get('elapsed_s'), 1)} s" for r in runs]),
         ("rows_per_s", "rows/s", [number(r.summary.get("rows_per_s"), 2) for r in runs]),
         ("tokens_per_s", "tokens/s", [number(r.summary.get("tokens_per_s"), 1) for r in runs]),
@@ -213,14 +174,14 @@ def charts_section(runs: Sequence[Run]) -> str:
     return f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{loss}{tokens}</div></section>'
 
 
-def group_figures(table: pa.Table, by: str) -> dict[str, Figures]:
+def group_figures(table: pa.Table, by: str) -> dict[str, dict]:
     keys = [json.dumps(v) if isinstance(v, (dict, list)) else ("(none)" if v is None else str(v))
             for v in table.column(by).to_pylist()]
     order = [k for k, _ in Counter(keys).most_common()]
     indices: dict[str, list[int]] = {k: [] for k in order}
     for i, k in enumerate(keys):
         indices[k].append(i)
-    return {k: figures(table.take(indices[k])) for k in order}
+    return {k: row_figures(table.take(indices[k])) for k in order}
 
 
 def by_section(runs: Sequence[Run], by: str | None) -> str:
@@ -239,11 +200,11 @@ def by_section(runs: Sequence[Run], by: str | None) -> str:
             if f is None:
                 cells.append("<td>–</td>")
                 continue
-            bar = "" if f.accuracy is None else (
-                f'<div class="bar" style="width:{100 * f.accuracy:.1f}%;background:{COLOURS[i % len(COLOURS)]}"></div>')
-            cells.append(f'<td data-group="{esc(value)}" data-run={i}><span data-metric="accuracy">{percent(f.accuracy)}'
-                         f'</span> · answered <span data-metric="answer_rate">{percent(f.answer_rate)}</span> · '
-                         f'<span data-metric="rows">{f.rows:,}</span> rows{bar}</td>')
+            bar = "" if f["accuracy"] is None else (
+                f'<div class="bar" style="width:{100 * f["accuracy"]:.1f}%;background:{COLOURS[i % len(COLOURS)]}"></div>')
+            cells.append(f'<td data-group="{esc(value)}" data-run={i}><span data-metric="accuracy">{percent(f["accuracy"])}'
+                         f'</span> · answered <span data-metric="answer_rate">{percent(f["answer_rate"])}</span> · '
+                         f'<span data-metric="rows">{f["samples"]:,}</span> rows{bar}</td>')
         rows.append(f"<tr><th>{esc(value)}</th>{''.join(cells)}</tr>")
     more = f"<p>{len(values) - MAX_GROUPS} more values not shown.</p>" if len(values) > MAX_GROUPS else ""
     return (f'<section id="by"><h2>Accuracy and answer rate by {esc(by)}</h2>'

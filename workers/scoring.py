@@ -123,7 +123,7 @@ def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSett
                 item.generated = result
 
 
-def item_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> list[tuple]:
+def item_losses(lm: LoadedModel, items: Sequence[Item]) -> list[tuple]:
     """(loss, completion_loss, reference_loss) per item, as the output contract defines them.
 
     completion_loss comes from generation's own logits, reference_loss mostly from generation's
@@ -146,9 +146,9 @@ def item_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSetting
     ]
 
 
-def score_losses(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> dict[int, tuple]:
+def score_losses(lm: LoadedModel, items: Sequence[Item]) -> dict[int, tuple]:
     done = [item for item in items if item.generated is not None]
-    losses = per_row_fallback(lambda xs: item_losses(lm, xs, settings), done)
+    losses = per_row_fallback(lambda xs: item_losses(lm, xs), done)
     out = {}
     for item, value in zip(done, losses):
         if isinstance(value, BaseException):
@@ -199,7 +199,7 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> 
         started = time.perf_counter()
         generate_items(lm, items, settings)
         generated = time.perf_counter()
-        losses = score_losses(lm, items, settings)
+        losses = score_losses(lm, items)
         timings = {"generate_s": generated - started, "loss_s": time.perf_counter() - generated}
     table = result_table(items, losses, settings)
     return table.replace_schema_metadata({TIMINGS_KEY: json.dumps(timings).encode()})
