@@ -81,7 +81,8 @@ def run_job(
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
     todo = [s for s in plan if s.index not in done]
-    idle = {"workers": 0, "nodes": 0, "worker_deaths": 0, "timings": None}
+    idle = {"workers": 0, "nodes": 0, "worker_deaths": 0, "timings": None, "device": None, "dtype": None,
+            "invariant": None}
     figures = score_on_ray(spec, questions, todo, store, options, say, started) if todo else idle
 
     table = store.read(plan)
@@ -100,7 +101,8 @@ def score_on_ray(
     """Score the shards in `todo` into `store`.
 
     Returns how many workers ran, on how many nodes, how many died, and where the time went:
-    startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed.
+    startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed;
+    the device and dtype the model ran in, and whether every worker's results were batch-invariant.
     """
     from jobs.schedule import run_shards, start_workers
 
@@ -140,4 +142,5 @@ def score_on_ray(
             tasks = [shard_task(questions, s.index, s.start, s.stop) for s in todo]
             deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
     return {"workers": pool.workers, "nodes": len({i["node"] for i in infos}), "worker_deaths": deaths,
-            "timings": timings}
+            "timings": timings, "device": infos[0]["device"], "dtype": infos[0]["dtype"],
+            "invariant": all(i["invariant"] for i in infos)}

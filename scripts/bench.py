@@ -13,6 +13,8 @@ model load included), with greedy decoding of chat prompts:
   warm       the same `bulkscore run --address` to a Ray head already running on 127.0.0.1 (as after
              `ray start --head`): start-up without Ray's own start; the head is started before the
              clock and stopped by process id after
+  before     with --baseline DIR: `bulkscore run` from another checkout of bulkscore (e.g. a `git
+             worktree` of an earlier commit), for a before/after table from one run
 Prints wall time, rows/s, generated tokens/s and each peer's time over bulkscore's (how many times
 faster bulkscore is). `make bench` runs it; on a machine with a GPU, the peers use it.
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers import start_head, stop_head  # noqa: E402
 
-PEERS = ("one", "batched", "raydata", "bulkscore", "warm")
+PEERS = ("one", "batched", "raydata", "bulkscore", "warm", "before")
 PEER_BATCH = 32
 
 
@@ -110,12 +112,14 @@ def run_raydata(args) -> None:
 
 def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
     output = folder / f"{name}.parquet"
-    if name in ("bulkscore", "warm"):
+    if name in ("bulkscore", "warm", "before"):
         model = [] if args.model_given is None else ["--model", args.model]
         address = ["--address", args.head["gcs"]] if name == "warm" else []
-        return ([str(Path(sys.executable).parent / "bulkscore"), "run", str(args.input), "-o", str(output),
-                 "--max-new-tokens", str(args.max_new_tokens), "--quiet", *address, *model, *args.bulkscore_args],
-                output)
+        # "before": the same command from the baseline checkout, first on the path of driver and workers.
+        program = ([sys.executable, "-c", "from jobs.cli import cli; cli()"] if name == "before"
+                   else [str(Path(sys.executable).parent / "bulkscore")])
+        return ([*program, "run", str(args.input), "-o", str(output), "--max-new-tokens", str(args.max_new_tokens),
+                 "--quiet", *address, *model, *args.bulkscore_args], output)
     return ([sys.executable, __file__, "--peer", name, "--input", str(args.input), "--output", str(output),
              "--model", args.model, "--device", args.device, "--max-new-tokens", str(args.max_new_tokens)], output)
 
@@ -161,14 +165,15 @@ def compare(args) -> None:
 def run_peers(args, folder: Path, env: dict, results: dict) -> None:
     for name in args.peers:
         command, output = peer_command(name, args, folder)
+        peer_env = env | {"PYTHONPATH": str(Path(args.baseline).resolve())} if name == "before" else env
         started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env=peer_env, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if done.returncode != 0:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = (wall, generated_tokens(output))
         print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
-        if name in ("bulkscore", "warm"):
+        if name in ("bulkscore", "warm", "before"):
             summary = json.loads(output.with_suffix(".summary.json").read_text())
             print(f"  {name} timings: {json.dumps(summary.get('timings'))}", file=sys.stderr)
 
@@ -177,10 +182,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--peers", default=",".join(PEERS), type=lambda s: s.split(","))
+    parser.add_argument("--peers", default=",".join(PEERS[:5]), type=lambda s: s.split(","))
     parser.add_argument("--model", dest="model_given", help="model folder [default: the embedded SmolLM2-135M]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bulkscore-args", default="", type=str.split, help="extra `bulkscore run` options")
+    parser.add_argument("--baseline", help="another bulkscore checkout, run as the peer `before`")
     parser.add_argument("--peer", choices=PEERS[:3], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -189,6 +195,8 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "before" in args.peers and not args.baseline:
+        parser.error("the peer `before` needs --baseline DIR (a checkout of the bulkscore to compare with)")
     if args.peer:
         args.model = args.model_given
         run_raydata(args) if args.peer == "raydata" else run_transformers(args, 1 if args.peer == "one" else PEER_BATCH)

@@ -6,6 +6,8 @@ import os
 
 # Read by Ray at import: every Ray process of the tests binds to 127.0.0.1.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# What workers.models.pin_kernels sets in a worker, set here before any test computes (MKL reads it once).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import shutil
 from pathlib import Path

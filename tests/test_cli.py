@@ -24,6 +24,7 @@ SUMMARY_KEYS = {
     "rows", "samples", "errors", "error_kinds", "worker_deaths", "nodes", "answered", "correct", "accuracy", "answer_rate", "mean_loss",
     "mean_completion_loss", "mean_reference_loss", "prompt_tokens", "completion_tokens", "elapsed_s",
     "rows_per_s", "tokens_per_s", "model", "adapter", "workers", "fingerprint", "versions", "timings",
+    "device", "dtype", "invariant",
 }
 
 
@@ -77,22 +78,28 @@ def test_run_writes_the_contract(tiny_model, questions, tmp_path):
 
 
 SAMPLING = ("--temperature", "0.8", "--top-p", "0.9", "--num-samples", "3", "--seed", "11")
+RESULT_COLUMNS = ("completion", "num_completion_tokens", "finish_reason", "loss", "completion_loss", "reference_loss")
 
 
 @pytest.mark.usefixtures("ray_instance")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("decoding", [(), SAMPLING], ids=["greedy", "seeded-samples"])
-def test_results_do_not_depend_on_shard_size_batch_size_or_workers(tiny_model, questions, tmp_path, decoding):
+def test_results_do_not_depend_on_shard_size_batch_size_or_workers(tiny_model, questions, tmp_path, decoding, dtype):
+    """Bitwise: one worker with two threads, rows one at a time in shards of 3, against two workers
+    with a thread each, eight rows at a time in shards of 5."""
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    assert run_tiny(tiny_model, questions, a, "--shard-size", "3", "--batch-size", "1", *decoding).exit_code == 0
-    result = run_tiny(tiny_model, questions, b, "--shard-size", "5", "--batch-size", "8",
+    first = run_tiny(tiny_model, questions, a, "--dtype", dtype, "--shard-size", "3", "--batch-size", "1", *decoding)
+    assert first.exit_code == 0, first.output
+    result = run_tiny(tiny_model, questions, b, "--dtype", dtype, "--shard-size", "5", "--batch-size", "8",
                       "--workers", "2", "--cpus-per-worker", "1", *decoding)
     assert result.exit_code == 0, result.output
     ta, tb = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()
-    assert ta["completion"] == tb["completion"]
-    assert ta["num_completion_tokens"] == tb["num_completion_tokens"]
-    for column in ("loss", "completion_loss", "reference_loss"):
-        assert tb[column] == pytest.approx(ta[column], abs=1e-4)
-    assert json.loads(b.with_suffix(".summary.json").read_text())["workers"] == 2
+    assert None not in ta["loss"] and len(set(ta["completion"])) > 1
+    for column in RESULT_COLUMNS:
+        assert ta[column] == tb[column], column
+    summaries = [json.loads(path.with_suffix(".summary.json").read_text()) for path in (a, b)]
+    assert [s["workers"] for s in summaries] == [1, 2]
+    assert [(s["dtype"], s["device"], s["invariant"]) for s in summaries] == [(dtype, "cpu", True)] * 2
 
 
 @pytest.mark.usefixtures("ray_instance")

@@ -89,3 +89,25 @@ def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
     for full, half in zip(losses["float32"], losses["bfloat16"]):
         assert half == pytest.approx(full, rel=BF16_LOSS_BOUND)
     assert losses["float32"] != losses["bfloat16"]  # the half-precision pass really ran
+
+
+@pytest.mark.usefixtures("ray_instance")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_embedded_model_gives_the_same_bits_whatever_the_batch_shard_or_workers(tmp_path, dtype, embedded_folder):
+    """The issue's own check: SmolLM2-135M, rows one at a time in shards of 3 on one worker with two
+    threads, against eight at a time in shards of 5 on two workers with one thread each."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    common = ["run", "--limit", "8", "--max-new-tokens", "12", "--dtype", dtype, "--quiet"]
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    for output, layout in ((a, ["--batch-size", "1", "--shard-size", "3"]),
+                           (b, ["--batch-size", "8", "--shard-size", "5", "--workers", "2", "--cpus-per-worker", "1"])):
+        result = CliRunner().invoke(cli, [*common, *layout, "-o", str(output)])
+        assert result.exit_code == 0, result.output
+    ta, tb = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()
+    assert all(text and text.strip() for text in ta["completion"])
+    for column in ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss"):
+        assert ta[column] == tb[column], column
+    assert json.loads(b.with_suffix(".summary.json").read_text())["dtype"] == dtype

@@ -20,6 +20,7 @@ from jobs.cli import cli
 from tests.conftest import CRASH_NEEDLE
 from tests.helpers import QUESTIONS, kill_job, write_jsonl
 
+RESULTS = ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss")
 MANY = [{"id": i, "question": f"{q['question']} (variant {i})", "answer": q["answer"]}
         for i, q in enumerate(QUESTIONS * 5)]
 
@@ -92,6 +93,14 @@ def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
     assert summary["worker_deaths"] >= 4
     # (Ray's raylet also reports each death on stdout, before the summary.)
     assert "rows       6 (6 samples, 1 errors)" in result.stdout.splitlines()
+    # Rows scored in halves and quarters of their shard, after the deaths, to the last bit as in a job
+    # that never saw the killer row.
+    innocent = write_jsonl(tmp_path / "innocent.jsonl", rows[:3] + rows[4:])
+    clean = tmp_path / "clean.parquet"
+    assert invoke(innocent, "--model", tiny_model, "-o", clean, "--max-new-tokens", "6", "--quiet").exit_code == 0
+    expected = pq.read_table(clean).to_pydict()
+    for column in RESULTS:
+        assert table[column][:3] + table[column][4:] == expected[column], column
 
 
 SECRET = "hf_bulkscoreTestSecret0123456789"
@@ -133,7 +142,9 @@ def test_a_job_killed_as_a_whole_resumes_without_redoing_finished_shards(tiny_mo
     assert table["id"] == [q["id"] for q in MANY] and table["error"] == [None] * len(MANY)
     clean = tmp_path / "clean.parquet"
     assert invoke(questions, "--model", tiny_model, "-o", clean, "--max-new-tokens", "16", "--quiet").exit_code == 0
-    assert table["completion"] == pq.read_table(clean).column("completion").to_pylist()
+    expected = pq.read_table(clean).to_pydict()
+    for column in RESULTS:  # to the last bit
+        assert table[column] == expected[column], column
 
     # No secret from the environment reaches the output, the summary, the checkpoints or the logs.
     written = [output.read_bytes(), output.with_suffix(".summary.json").read_bytes(),

@@ -8,6 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tests.helpers import QUESTIONS
 from workers.contract import (
@@ -19,14 +21,21 @@ from workers.contract import (
     ScoringSettings,
     ShardTask,
 )
-from workers.generation import SeededGumbel
+from workers.generation import gumbel_noise
 from workers.models import load_model
 from workers.scoring import score_shard
+from workers.tiles import CHUNK
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model):
     return load_model(ModelSpec(str(tiny_model), "folder", dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def any_lm(request, tiny_model):
+    """The tiny model in each dtype bulkscore runs on CPUs: results must not depend on the batch in either."""
+    return load_model(ModelSpec(str(tiny_model), "folder", dtype=request.param, device="cpu"))
 
 
 def task(questions: list[dict], start: int = 0) -> ShardTask:
@@ -84,9 +93,9 @@ def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
 
     real, scored = workers.scoring.span_nll, []
 
-    def recording(lm_, sequences, starts):
+    def recording(lm_, sequences, starts, *prefix):
         scored.append(len(sequences))
-        return real(lm_, sequences, starts)
+        return real(lm_, sequences, starts, *prefix)
 
     monkeypatch.setattr(workers.scoring, "span_nll", recording)
     rows = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
@@ -94,70 +103,147 @@ def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
     assert all(r["reference_loss"] is not None for r in rows)
 
 
-def test_a_shared_prefix_is_computed_once_and_changes_nothing(lm, monkeypatch):
-    """Prompts that start alike (the chat template's system turn) share one prefix cache."""
-    import workers.generation
-    from workers.generation import generate_batch, shared_prefix
+def chat_requests(lm, questions=QUESTIONS, reference=" 42"):
+    from workers.generation import Request
     from workers.prompts import encode_text, format_prompt
 
     chat = PromptSettings("chat")
-    prompts = [encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat) for q in QUESTIONS]
-    shared = shared_prefix(prompts)
-    assert shared >= 20 and all(p[:shared] == prompts[0][:shared] for p in prompts)
-    references = [lm.tokenizer(" 42", add_special_tokens=False)["input_ids"]] * len(prompts)
+    tail = tuple(lm.tokenizer(reference, add_special_tokens=False)["input_ids"])
+    return [Request(tuple(encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat)),
+                    continuation=tail) for q in questions]
+
+
+def model_calls(lm):
+    """Records the [rows, tokens] shape of each forward pass of lm.model."""
+    shapes = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return shapes, hook
+
+
+def test_a_shared_prefix_is_computed_once_and_changes_little(lm):
+    """Prompts that start alike (the chat template's system turn) copy one prefix cache, computed in a
+    call of its own; from the settings alone, so a row uses it whatever its neighbours."""
+    from workers.generation import generate
+    from workers.prompts import shared_start
+
+    requests = chat_requests(lm)
+    prefix = shared_start(lm.tokenizer, PromptSettings("chat"))
+    assert len(prefix) >= 20 and all(r.prompt[: len(prefix)] == tuple(prefix) for r in requests)
+    assert len(shared_start(lm.tokenizer, PromptSettings("raw"))) < 8  # nothing worth sharing
     gen = GenerationSettings(max_new_tokens=12)
+    shapes, hook = model_calls(lm)
+    try:
+        with torch.inference_mode():
+            cached = generate(lm, requests, gen, prefix)
+    finally:
+        hook.remove()
+    assert shapes.count((1, len(prefix))) == 1
     with torch.inference_mode():
-        cached = generate_batch(lm, prompts, gen, (), references)
-        monkeypatch.setattr(workers.generation, "MIN_SHARED_PREFIX", 10**6)  # every prompt whole
-        assert shared_prefix(prompts) == 0
-        plain = generate_batch(lm, prompts, gen, (), references)
+        plain = generate(lm, requests, gen)  # every prompt whole
     assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
     assert [g.nll for g in cached] == pytest.approx([g.nll for g in plain], abs=1e-4)
     assert [g.continuation_nll for g in cached] == pytest.approx([g.continuation_nll for g in plain], abs=1e-4)
 
 
-def test_a_finished_row_leaves_the_batch(lm):
-    """Rows that end early stop riding along: later steps run only the rows still going, and every
-    row's tokens and NLLs equal those it gets alone."""
-    from workers.generation import generate_batch
-    from workers.prompts import encode_text, format_prompt
+def test_a_finished_row_frees_its_slot_for_a_waiting_row(lm, monkeypatch):
+    """Continuous batching: a row that ends leaves its slot the step it ends and a waiting row takes
+    it while the others go on; every call keeps the tile's shape, and each row equals itself alone."""
+    import workers.generation
+    from workers.generation import Decoder, generate
 
-    chat = PromptSettings("chat")
-    prompts = [encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat) for q in QUESTIONS]
+    monkeypatch.setattr(workers.generation, "DECODE_ROWS", 4)
+    monkeypatch.setattr(workers.generation, "PREFILL_ROWS", 1)
+    requests = chat_requests(lm)
     gen = GenerationSettings(max_new_tokens=12)
     with torch.inference_mode():
-        free = generate_batch(lm, prompts, gen)
-    # Make row 0's third token an end-of-sequence token: row 0 ends there, rows without it go on.
-    ender = free[0].token_ids[2]
+        free = generate(lm, requests, gen)
+    # The first row to start (the longest prompt) ends at its third token, which the others lack.
+    first = max(range(len(requests)), key=lambda i: (len(requests[i].prompt), -i))
+    ender = free[first].token_ids[2]
     ending = dataclasses.replace(lm, eos_token_ids=(ender,))
-    assert any(ender not in g.token_ids for g in free)
-    rows_per_step = []
-    hook = lm.model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows_per_step.append(kwargs["input_ids"].shape), with_kwargs=True)
+    assert sum(ender not in g.token_ids for g in free) >= 4
+    admitted, real_admit = [], Decoder.admit
+
+    def admit(self, wave, slots, keys):
+        admitted.append((len(wave), sum(run is not None for run in self.slots)))  # (rows in, rows running)
+        return real_admit(self, wave, slots, keys)
+
+    monkeypatch.setattr(Decoder, "admit", admit)
+    shapes, hook = model_calls(lm)
     try:
         with torch.inference_mode():
-            batched = generate_batch(ending, prompts, gen)
-            steps = list(rows_per_step)
-            alone = [generate_batch(ending, [p], gen)[0] for p in prompts]
+            batched = generate(ending, requests, gen)
+            calls, refills = list(shapes), list(admitted)
+            alone = [generate(ending, [r], gen)[0] for r in requests]
     finally:
         hook.remove()
-    assert batched[0].token_ids == free[0].token_ids[:3] and batched[0].finish_reason == "stop"
-    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
-    assert [g.nll for g in batched] == pytest.approx([g.nll for g in alone], abs=1e-4)
-    decode_rows = [shape[0] for shape in steps if shape[1] == 1]  # one new token per row
-    assert decode_rows[0] == len(prompts) and decode_rows[-1] < len(prompts)
-    assert decode_rows == sorted(decode_rows, reverse=True)
-    assert sum(decode_rows) == sum(len(g.token_ids) for g in batched) - len(prompts)
+    assert batched[first].token_ids == free[first].token_ids[:3] and batched[first].finish_reason == "stop"
+    assert refills[:4] == [(1, 0), (1, 1), (1, 2), (1, 3)]  # four slots filled, one prefill row at a time
+    assert (1, 3) in refills[4:]  # the slot the first row left, refilled while three rows ran
+    assert sum(n for n, _ in refills) == len(requests)
+    assert set(calls) == {(4, 1), (1, CHUNK)}
+    for column in ("token_ids", "text", "finish_reason", "nll", "continuation_nll"):
+        assert [getattr(g, column) for g in batched] == [getattr(g, column) for g in alone], column
 
 
-def test_greedy_results_do_not_depend_on_batch_size(lm):
-    one = score_shard(lm, task(QUESTIONS), settings(batch_size=1)).to_pydict()
-    eight = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pydict()
-    auto = score_shard(lm, task(QUESTIONS), settings()).to_pydict()
-    assert one["completion"] == eight["completion"] == auto["completion"]
-    assert len(set(one["completion"])) > 1
-    for column in ("loss", "completion_loss", "reference_loss"):
-        assert eight[column] == pytest.approx(one[column], abs=1e-4)
+# Kernels that add many numbers: their order of additions may follow the shapes they are given.
+REDUCING_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "softmax", "_softmax", "log_softmax",
+                "_log_softmax", "cross_entropy", "sum", "mean", "amax", "max", "argmax", "cumsum", "sort", "topk",
+                "var_mean", "norm", "logsumexp"}
+
+
+class ReducingOps(TorchDispatchMode):
+    """Records every matrix product, attention, softmax and reduction torch runs, with the shapes of
+    its tensor arguments: the model's own layers and the engine's code alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in REDUCING_OPS or "scaled_dot_product" in name:
+            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            self.seen.add((name, tuple(tuple(t.shape) for t in tensors)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_row_meets_the_same_shapes_alone_in_a_batch_or_in_any_shard(lm):
+    """The design itself, not what this CPU computes: every reduction a row takes part in has the same
+    shape whether it runs alone, in a full batch, at any batch size or in a shard of any size (a
+    resumed job's shards, or the halves of a shard split after worker deaths). Batching adds no shape
+    that the rows alone do not meet."""
+
+    def shapes(t: ShardTask, **generation) -> set[tuple]:
+        with ReducingOps() as ops:
+            score_shard(lm, t, settings(**generation))
+        return ops.seen
+
+    whole = shapes(task(QUESTIONS))
+    # The recorder sees the model's layers, its norms and attention, and the engine's own reductions.
+    assert {name for name, _ in whole} >= {"linear", "mean", "matmul", "softmax", "log_softmax", "argmax"}
+    alone = [shapes(task([q], start=i)) for i, q in enumerate(QUESTIONS)]
+    assert set().union(*alone) == whole
+    assert shapes(task(QUESTIONS), batch_size=1) == shapes(task(QUESTIONS), batch_size=3) == whole
+    first, second = task(QUESTIONS).halves()
+    assert shapes(first) | shapes(second) == whole
+    assert shapes(task(QUESTIONS[2:7], start=2)) <= whole
+
+
+RESULTS = ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss")
+
+
+def test_greedy_results_do_not_depend_on_batch_size_or_shard(any_lm):
+    """Bitwise: the same completions and the same three losses, to the last bit."""
+    one = score_shard(any_lm, task(QUESTIONS), settings(batch_size=1)).to_pydict()
+    eight = score_shard(any_lm, task(QUESTIONS), settings(batch_size=8)).to_pydict()
+    auto = score_shard(any_lm, task(QUESTIONS), settings()).to_pydict()
+    tail = score_shard(any_lm, task(QUESTIONS[5:], start=5), settings(batch_size=2)).to_pydict()
+    assert len(set(one["completion"])) > 1 and None not in one["loss"]
+    for column in RESULTS:
+        assert one[column] == eight[column] == auto[column], column
+        assert tail[column] == auto[column][5:], column
 
 
 def test_stop_string_cuts_the_completion(lm):
@@ -194,18 +280,18 @@ def sampled(**generation) -> ScoringSettings:
     return settings(**({"temperature": 1.0, "top_p": 0.95, "num_samples": 3, "seed": 5} | generation))
 
 
-def test_seeded_samples_do_not_depend_on_batch_or_shard(lm):
+def test_seeded_samples_do_not_depend_on_batch_or_shard(any_lm):
     """Each (row, sample) draws its own noise: batch size and where the shard starts change nothing."""
-    whole = score_shard(lm, task(QUESTIONS), sampled(batch_size=24)).to_pydict()
-    alone = score_shard(lm, task(QUESTIONS), sampled(batch_size=1)).to_pydict()
-    assert alone["completion"] == whole["completion"]
-    assert alone["completion_loss"] == pytest.approx(whole["completion_loss"], abs=1e-4)
-    # Rows 3..7 as a shard of their own, in batches of two: the same rows get the same samples.
-    tail = score_shard(lm, task(QUESTIONS[3:], start=3), sampled(batch_size=2)).to_pydict()
-    assert tail["completion"] == whole["completion"][9:]
+    whole = score_shard(any_lm, task(QUESTIONS), sampled(batch_size=24)).to_pydict()
+    # Rows 0..2 one sample at a time; rows 3..7 as a shard of their own, two samples at a time.
+    alone = score_shard(any_lm, task(QUESTIONS[:3]), sampled(batch_size=1)).to_pydict()
+    tail = score_shard(any_lm, task(QUESTIONS[3:], start=3), sampled(batch_size=2)).to_pydict()
+    for column in RESULTS:
+        assert alone[column] == whole[column][:9], column
+        assert tail[column] == whole[column][9:], column
     # The samples of a row differ, and another seed draws others.
     assert len(set(whole["completion"][:3])) == 3
-    other = score_shard(lm, task(QUESTIONS), sampled(seed=6)).to_pydict()
+    other = score_shard(any_lm, task(QUESTIONS), sampled(seed=6)).to_pydict()
     assert other["completion"] != whole["completion"]
 
 
@@ -220,7 +306,8 @@ def test_sampling_keeps_only_the_top_p_tokens(lm):
 def test_gumbel_max_draws_from_the_softmax():
     """The noise SeededGumbel adds turns argmax into a draw from softmax(scores)."""
     scores = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]]))
-    draws = [SeededGumbel([seed], torch.device("cpu"))(None, scores).argmax().item() for seed in range(4000)]
+    noise = lambda seed: gumbel_noise([torch.Generator().manual_seed(seed)], 4, "cpu")  # noqa: E731
+    draws = [(scores + noise(seed)).argmax().item() for seed in range(4000)]
     frequencies = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
     assert frequencies.tolist() == pytest.approx([0.6, 0.3, 0.1, 0.0], abs=0.03)
 
@@ -260,14 +347,14 @@ def test_a_gguf_file_loads_through_the_cached_conversion(embedded_folder):
 def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypatch):
     import workers.scoring
 
-    real = workers.scoring.generate_batch
+    real = workers.scoring.generate
 
-    def fail_on_the_long_prompt(lm_, prompts, *args):
-        if any("explain the steps" in lm_.tokenizer.decode(p) for p in prompts):
+    def fail_on_the_long_prompt(lm_, requests, *args):
+        if any("explain the steps" in lm_.tokenizer.decode(r.prompt) for r in requests):
             raise ValueError("injected failure")
-        return real(lm_, prompts, *args)
+        return real(lm_, requests, *args)
 
-    monkeypatch.setattr(workers.scoring, "generate_batch", fail_on_the_long_prompt)
+    monkeypatch.setattr(workers.scoring, "generate", fail_on_the_long_prompt)
     for batch_size in (None, 1):
         rows = score_shard(lm, task(QUESTIONS), settings(batch_size=batch_size)).to_pylist()
         failed = [r for r in rows if r["error"] is not None]
@@ -279,16 +366,16 @@ def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypa
 def test_out_of_memory_halves_the_batch_instead_of_failing_rows(lm, monkeypatch):
     import workers.scoring
 
-    real, sizes = workers.scoring.generate_batch, []
+    real, sizes = workers.scoring.generate, []
 
-    def small_memory(lm_, prompts, *args):
-        sizes.append(len(prompts))
-        if len(prompts) > 2:
+    def small_memory(lm_, requests, *args):
+        sizes.append(len(requests))
+        if len(requests) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(lm_, prompts, *args)
+        return real(lm_, requests, *args)
 
     expected = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).column("completion").to_pylist()
-    monkeypatch.setattr(workers.scoring, "generate_batch", small_memory)
+    monkeypatch.setattr(workers.scoring, "generate", small_memory)
     rows = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pylist()
     assert [r["error"] for r in rows] == [None] * len(QUESTIONS)
     assert [r["completion"] for r in rows] == expected
@@ -331,3 +418,19 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it():
     assert resolve_dtype("float32", cpu, frozenset({"amx_bf16"})) == torch.float32
     assert resolve_dtype("bfloat16", cpu, frozenset()) == torch.bfloat16
     assert "fpu" in cpu_flags() or not Path("/proc/cpuinfo").exists()
+
+
+def test_the_nucleus_is_the_one_a_full_sort_finds():
+    """top_p_filter looks among the likeliest tokens first; a flat row (nucleus wider than that) sorts
+    the whole row. Either way: the tokens whose mass ahead of them is under top_p."""
+    from transformers import TopPLogitsWarper
+
+    from workers.generation import NUCLEUS_CANDIDATES, top_p_filter
+
+    torch.manual_seed(0)
+    scores = torch.cat([torch.randn(6, 4096) * 4, torch.randn(2, 4096) * 0.01])  # peaked rows, then flat ones
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        ours = top_p_filter(scores, top_p) > -float("inf")
+        theirs = TopPLogitsWarper(top_p)(None, scores.clone()) > -float("inf")
+        assert torch.equal(ours, theirs), top_p
+    assert (top_p_filter(scores, 0.9)[6:] > -float("inf")).sum(dim=-1).min() > NUCLEUS_CANDIDATES

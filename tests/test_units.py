@@ -1,4 +1,4 @@
-"""Small units of both sides, without a model or a Ray instance: shard plan, batch plan, answer
+"""Small units of both sides, without a model or a Ray instance: shard plan, tile chunks, answer
 parsing and grading, joining Ray."""
 
 import re
@@ -10,8 +10,8 @@ from jobs.cluster import ray_session
 from jobs.errors import JobError
 from jobs.shards import Shard, plan_shards
 from workers.answers import grade, is_close, parse_answer, parse_number
-from workers.batching import plan_batches
 from workers.contract import DEFAULT_ANSWER_REGEX
+from workers.tiles import cache_length, chunks, tile_rows
 
 
 def test_shards_are_contiguous_and_cover_every_row():
@@ -20,16 +20,14 @@ def test_shards_are_contiguous_and_cover_every_row():
     assert plan_shards(3, 64) == [Shard(0, 0, 3)]
 
 
-def test_batches_respect_rows_and_token_budget():
-    lengths = [10, 50, 20, 50, 30, 5]
-    batches = plan_batches(lengths, max_new_tokens=10, max_rows=3, token_budget=130)
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    assert batches[0] == [1, 3]  # longest first; a third 50-token row would need 3 * 60 > 130
-    for batch in batches:
-        assert len(batch) <= 3
-        assert len(batch) * (max(lengths[i] for i in batch) + 10) <= 130
-    # One row over the budget still gets a batch.
-    assert plan_batches([500], 10, 8, 100) == [[0]]
+def test_a_rows_chunks_and_cache_length_come_from_its_own_length():
+    tokens = list(range(100, 170))  # 70 tokens from position 5
+    pieces = chunks(tokens, 5, 32)
+    assert [(len(t), first) for t, first in pieces] == [(6, 5), (32, 11), (32, 43)]  # cut from the end
+    assert [t for piece, _ in pieces for t in piece] == tokens
+    assert chunks([7], 0, 32) == [([7], 0)]
+    assert [cache_length(n) for n in (1, 128, 129, 300, 5000)] == [128, 128, 256, 512, 8192]
+    assert [tile_rows(64, n) for n in (128, 512, 1024, 65536)] == [64, 64, 32, 1]
 
 
 def test_answer_extraction_and_numbers():

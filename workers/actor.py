@@ -32,6 +32,8 @@ class ShardScorer:
             return {"pid": os.getpid(), "error": self.load_error}
         import ray
 
+        from workers.models import kernels_pinned
+
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -39,6 +41,7 @@ class ShardScorer:
             "device": str(self.lm.device),
             "dtype": str(self.lm.dtype).removeprefix("torch."),
             "load_s": round(self.lm.load_s, 3),
+            "invariant": kernels_pinned(self.lm.device),
         }
 
     def score(self, task: ShardTask) -> pa.Table:

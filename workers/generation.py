@@ -1,26 +1,36 @@
-"""Batched generation: left-padded prompts, a decode loop over the KV cache, rows trimmed at EOS
-and stop strings. A row leaves the batch the step it ends, so short answers stop costing compute.
+"""Generation with continuous batching on fixed-shape tiles (tiles.py says why shapes are fixed).
+
+A decode tile runs one token for each of its slots per call. A row that ends (end-of-sequence, a
+stop string, max_new_tokens) frees its slot at once; rows still waiting are prefilled in a prefill
+tile, in chunks, and their keys and values move into the free slots, so the decode batch stays full.
+A row's completion, its NLLs and its continuation's NLL come out the same whichever rows share its
+calls, whichever slot it has and whenever it starts.
 
 Sampling is seeded per row, not per batch: each (row, sample) draws its noise from its own generator,
 seeded by (seed, row, sample), and picks its token by Gumbel-max over the temperature- and
-top-p-filtered logits. That is an exact draw from the filtered distribution, and it does not depend
-on which other rows share the batch, the shard or the worker (like vLLM's per-request seed).
+top-p-filtered logits. That is an exact draw from the filtered distribution (like vLLM's per-request
+seed).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
+from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 from workers.contract import GenerationSettings
-from workers.losses import takes_logits_to_keep
 from workers.models import LoadedModel
-from workers.padding import pad_batch
+from workers.tiles import CHUNK, DECODE_ROWS, PREFILL_ROWS, SharedPrefix, Tile, cache_length, feed_rows, tile_rows
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    seed: int = 0  # from sample_seed, when sampling
+    continuation: tuple[int, ...] | None = None  # tokens to score after the prompt (the reference)
 
 
 @dataclass(frozen=True)
@@ -29,7 +39,7 @@ class Generated:
     text: str
     finish_reason: str  # "stop" | "length"
     nll: float | None = None  # mean NLL of token_ids given the prompt, from generation's own logits
-    continuation_nll: float | None = None  # mean NLL of the given continuation (the reference) after the prompt
+    continuation_nll: float | None = None  # mean NLL of the request's continuation after the prompt
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:
@@ -37,54 +47,61 @@ def sample_seed(seed: int, row: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-class SeededGumbel(LogitsProcessor):
-    """Adds each row's own Gumbel noise to its scores, so that the argmax is that row's sample.
+def gumbel_noise(generators: Sequence[torch.Generator | None], vocab: int, device) -> torch.Tensor:
+    """[rows, vocab] Gumbel noise, row r's from its own generator (zeros where there is none): added to
+    a row's scores, it turns their argmax into a draw from their softmax."""
+    uniform = torch.stack([
+        torch.rand(vocab, generator=g, device=device, dtype=torch.float32) if g is not None
+        else torch.full((vocab,), 0.5, device=device)
+        for g in generators
+    ])
+    return -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
 
-    Row i's noise at step t is the t-th draw of a generator seeded by its key alone.
-    """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device):
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+NUCLEUS_CANDIDATES = 256  # the most likely tokens, where a row's top-p set is looked for first
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        vocab = scores.shape[-1]
-        uniform = torch.stack([
-            torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators
-        ])
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
-        return scores.float() + gumbel
+
+def top_p_filter(scores: torch.Tensor, top_p: float, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """scores: [R, V]. Each row's scores outside its nucleus set to -inf: the most likely tokens whose
+    probability mass ahead of them is under top_p (so at least the likeliest). Found among the
+    NUCLEUS_CANDIDATES likeliest tokens (a top-k, ~20x cheaper than sorting 49,152 scores per row),
+    by a sort of the whole row where the nucleus is larger than that; only for `rows` (default: all)."""
+    probs = torch.softmax(scores, dim=-1)
+    top, where = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # [R, k], descending
+    ahead = top.cumsum(dim=-1) - top
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, where, ahead < top_p)
+    wide = (ahead[:, -1] + top[:, -1] < top_p).nonzero().flatten().tolist()
+    for row in wide if rows is None else sorted(set(wide) & set(rows)):
+        ranked, order = probs[row].sort(descending=True)
+        keep[row] = torch.zeros_like(keep[row]).scatter_(0, order, ranked.cumsum(dim=0) - ranked < top_p)
+    return scores.masked_fill(~keep, -float("inf"))
 
 
 class Chooser:
     """Picks each row's next token from its raw logits: argmax, or (sampling) argmax of the
     temperature- and top-p-filtered logits plus the row's own Gumbel noise. End-of-sequence is
-    barred until min_new_tokens."""
+    barred until a row has min_new_tokens."""
 
-    def __init__(self, settings: GenerationSettings, seeds: Sequence[int], eos_ids: Sequence[int], device):
+    def __init__(self, settings: GenerationSettings, eos_ids: Sequence[int]) -> None:
         self.min_new_tokens, self.eos = settings.min_new_tokens, list(eos_ids)
-        self.warpers: list = []
-        self.noise = None
-        if not settings.greedy:
-            self.warpers.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_p < 1:
-                self.warpers.append(TopPLogitsWarper(settings.top_p))
-            self.noise = SeededGumbel(seeds, device)
+        self.sampling = not settings.greedy
+        self.temperature, self.top_p = settings.temperature, settings.top_p
 
-    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        scores = logits.float()
-        if step < self.min_new_tokens and self.eos:
+    def __call__(self, logits: torch.Tensor, steps: torch.Tensor, generators: Sequence,
+                 rows: Sequence[int] | None = None) -> torch.Tensor:
+        """logits: [R, V] float32; steps: [R] tokens each row has so far; generators: each row's, when
+        sampling; rows: those whose choice is wanted (default: all). Returns [R] token ids."""
+        scores = logits
+        barred = (steps < self.min_new_tokens)[:, None]  # [R, 1]
+        if self.eos and bool(barred.any()):
             scores = scores.clone()
-            scores[:, self.eos] = -float("inf")
-        for warp in self.warpers:
-            scores = warp(None, scores)
-        if self.noise is not None:
-            scores = self.noise(None, scores)
+            scores[:, self.eos] = torch.where(barred, -float("inf"), scores[:, self.eos])
+        if self.sampling:
+            scores = scores / self.temperature
+            if self.top_p < 1:
+                scores = top_p_filter(scores, self.top_p, rows)
+            scores = scores + gumbel_noise(generators, scores.shape[-1], scores.device)
         return scores.argmax(dim=-1)
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Only these rows (indices into the current batch) go on."""
-        if self.noise is not None:
-            self.noise.generators = [self.noise.generators[i] for i in rows]
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -92,9 +109,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def trim_completion(
-    new_ids: Sequence[int], lm: LoadedModel, settings: GenerationSettings
-) -> Generated:
+def trim_completion(new_ids: Sequence[int], lm: LoadedModel, settings: GenerationSettings) -> Generated:
     """Cut one row's generated ids at its first EOS or stop string (whichever comes first)."""
     decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     eos_at = next((i for i, t in enumerate(new_ids) if t in lm.eos_token_ids), None)
@@ -110,166 +125,152 @@ def trim_completion(
     return Generated(tuple(body), decode(body), "length")
 
 
-MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth a cache of its own
+@dataclass
+class Running:
+    """A request in a decode slot."""
+
+    index: int  # into the requests
+    generator: torch.Generator | None
+    continuation_nll: float | None
+    tokens: list[int] = field(default_factory=list)
+    nlls: list[float] = field(default_factory=list)
 
 
-def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens every prompt shares (the chat template's system turn, cot's examples),
-    leaving each prompt at least one token of its own; 0 when that is under MIN_SHARED_PREFIX."""
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return n if n >= MIN_SHARED_PREFIX else 0
+class Decoder:
+    """One cache length's rows: a decode tile whose free slots are refilled from a prefill tile."""
+
+    def __init__(self, lm: LoadedModel, length: int, settings: GenerationSettings, prefix: SharedPrefix,
+                 requests: Sequence[Request]) -> None:
+        self.lm, self.settings, self.prefix, self.requests = lm, settings, prefix, requests
+        self.decode = Tile(lm, tile_rows(DECODE_ROWS, length), length, 1)
+        self.prefill = Tile(lm, tile_rows(PREFILL_ROWS, length), length, CHUNK)
+        # --batch-size: how many slots are used; the tile's shape stays the same.
+        self.in_flight = min(self.decode.rows, settings.batch_size or self.decode.rows)
+        self.slots: list[Running | None] = [None] * self.decode.rows
+        self.logits: torch.Tensor | None = None  # [R, V]: each slot's next-token logits
+        self.chooser = Chooser(settings, lm.eos_token_ids)
+        # Tokens that can hold a stop string.
+        self.stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0
+        self.done: dict[int, Generated] = {}
+
+    def run(self, order: Sequence[int]) -> dict[int, Generated]:
+        waiting = deque(order)
+        while waiting or any(self.slots):
+            self.refill(waiting)
+            self.choose()
+            if any(self.slots):
+                self.step()
+        return self.done
+
+    def refill(self, waiting: deque) -> None:
+        """Move waiting rows into free slots, a prefill tile's worth at a time (or all that remain)."""
+        while waiting:
+            free = [s for s in range(self.in_flight) if self.slots[s] is None]
+            if not free or (any(self.slots) and len(free) < min(len(waiting), self.prefill.rows)):
+                return
+            wave: list[int] = []
+            keys: dict[tuple, int] = {}  # (prompt, continuation) -> prefill row: samples share one
+            while waiting and len(wave) < len(free):
+                request = self.requests[waiting[0]]
+                key = (request.prompt, request.continuation)
+                if key not in keys:
+                    if len(keys) == self.prefill.rows:
+                        break
+                    keys[key] = len(keys)
+                wave.append(waiting.popleft())
+            self.admit(wave, free, keys)
+
+    def admit(self, wave: list[int], free: list[int], keys: dict[tuple, int]) -> None:
+        rows = {}
+        for (prompt, _), row in keys.items():
+            shared = self.prefix.length_for(prompt)
+            if shared:
+                self.prefix.copy_into(self.prefill, row)
+            rows[row] = (prompt[shared:], shared)
+        first, _ = feed_rows(self.prefill, rows)  # [Rp, V]: each prompt's next-token logits
+        if self.logits is None:
+            self.logits = torch.zeros((self.decode.rows, first.shape[-1]), device=first.device)
+        scored = self.score_continuations(keys, first)
+        for index, slot in zip(wave, free):
+            request = self.requests[index]
+            row = keys[(request.prompt, request.continuation)]
+            self.decode.cache.take(slot, self.prefill.cache, row, len(request.prompt))
+            self.logits[slot] = first[row]
+            generator = None
+            if not self.settings.greedy:
+                generator = torch.Generator(device=self.lm.device).manual_seed(request.seed)
+            self.slots[slot] = Running(index, generator, scored.get(row))
+
+    def score_continuations(self, keys: dict[tuple, int], first: torch.Tensor) -> dict[int, float]:
+        """Mean NLL of each continuation after its prompt: the prompt's last logits score its first
+        token, a feed of the continuation (written after the prompt, where decoding writes later)
+        the rest."""
+        first_nll = -torch.log_softmax(first, dim=-1)  # [Rp, V]
+        continued = {row: (prompt, tail) for (prompt, tail), row in keys.items() if tail}
+        nlls = {row: [first_nll[row, tail[0]].item()] for row, (_, tail) in continued.items()}
+        longer = {row: pair for row, pair in continued.items() if len(pair[1]) > 1}
+        if longer:
+            feeds = {row: (tail[:-1], len(prompt)) for row, (prompt, tail) in longer.items()}
+            _, rest = feed_rows(self.prefill, feeds, {row: tail[1:] for row, (_, tail) in longer.items()})
+            for row, values in rest.items():
+                nlls[row] += values
+        return {row: sum(values) / len(values) for row, values in nlls.items()}
+
+    def choose(self) -> None:
+        """Each running slot's next token, from its logits; rows that end leave their slot."""
+        if not any(self.slots):
+            return
+        # Free slots count as done, so that no end-of-sequence bar is computed for them.
+        steps = torch.tensor([len(run.tokens) if run else self.settings.max_new_tokens for run in self.slots],
+                             device=self.logits.device)
+        generators = [run.generator if run else None for run in self.slots]
+        running = [slot for slot, run in enumerate(self.slots) if run is not None]
+        chosen = self.chooser(self.logits, steps, generators, running)  # [R]
+        nll = -torch.log_softmax(self.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)  # [R]
+        eos = self.lm.eos_token_ids
+        for slot, (token, value) in enumerate(zip(chosen.tolist(), nll.tolist())):
+            run = self.slots[slot]
+            if run is None:
+                continue
+            run.tokens.append(token)
+            run.nlls.append(value)
+            stopped = False
+            if self.stop_tail:
+                tail = self.lm.tokenizer.decode(run.tokens[-self.stop_tail:], skip_special_tokens=True)
+                stopped = cut_at_stop(tail, self.settings.stop)[1]
+            if token in eos or stopped or len(run.tokens) == self.settings.max_new_tokens:
+                self.done[run.index] = self.finish(run)
+                self.slots[slot] = None
+
+    def finish(self, run: Running) -> Generated:
+        g = trim_completion(run.tokens, self.lm, self.settings)
+        kept = run.nlls[: len(g.token_ids)]
+        return Generated(g.token_ids, g.text, g.finish_reason, sum(kept) / len(kept) if kept else None,
+                         run.continuation_nll)
+
+    def step(self) -> None:
+        """One decode call: each running slot feeds its last token, at the position after its others."""
+        feeds = [None] * self.decode.rows
+        for slot, run in enumerate(self.slots):
+            if run is not None:
+                prompt = len(self.requests[run.index].prompt)
+                feeds[slot] = ([run.tokens[-1]], prompt + len(run.tokens) - 1)
+        self.logits = self.decode.forward(feeds, last_only=True)
 
 
-def pad_after_prefix(
-    prompts: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding placed after the shared prefix, so that the prefix sits at the same place in
-    every row. Masked pads in the middle change nothing: positions come from the attention mask."""
-    ids, mask = pad_batch([p[shared:] for p in prompts], pad_id, "left", device)
-    if shared:
-        prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device).expand(len(prompts), -1)
-        ids = torch.cat([prefix, ids], dim=1)
-        mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
-    return ids, mask
-
-
-def cache_argument(model) -> str:
-    """transformers 5 names the KV cache argument `cache`; earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def cache_of(output):
-    """The KV cache a forward pass returned, under either version's name."""
-    return output.cache if "cache" in output else output.past_key_values
-
-
-def prefix_cache(lm: LoadedModel, prefix: Sequence[int], rows: int):
-    """The KV cache of the shared prefix, computed once and repeated for each row: generation then
-    runs only the tokens after it (vLLM calls this prefix caching)."""
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
-    last_only = {"logits_to_keep": 1} if takes_logits_to_keep(lm.model) else {}
-    cache = cache_of(lm.model(input_ids=ids, use_cache=True, **last_only))
-    cache.batch_repeat_interleave(rows)
-    return cache
-
-
-def generate_batch(
-    lm: LoadedModel,
-    prompts: Sequence[Sequence[int]],
-    settings: GenerationSettings,
-    seeds: Sequence[int] = (),
-    continuations: Sequence[Sequence[int] | None] = (),
+def generate(
+    lm: LoadedModel, requests: Sequence[Request], settings: GenerationSettings, prefix: Sequence[int] = ()
 ) -> list[Generated]:
-    """One Generated per prompt; `seeds` (one per prompt, from sample_seed) when sampling.
-
-    `continuations` (token ids to score after each prompt, or None) are scored from the prompts'
-    own KV cache before decoding starts: only their few tokens run.
-    """
-    shared = shared_prefix(prompts)
-    ids, mask = pad_after_prefix(prompts, shared, lm.pad_token_id, lm.device)  # [B, T]
-    cache = prefix_cache(lm, prompts[0][:shared], len(prompts)) if shared else None
-    logits, cache = prefill(lm, ids, mask, cache)
-    scored: list[float | None] = [None] * len(prompts)
-    if any(continuations) and getattr(cache, "is_croppable", True):
-        scored = continuation_nll(lm, cache, logits, mask, continuations)
-    chooser = Chooser(settings, seeds, lm.eos_token_ids, lm.device)
-    tokens, nlls = decode(lm, cache, logits, mask, settings, chooser)
-    rows = []
-    for new, step_nll, reference_nll in zip(tokens, nlls, scored):
-        g = trim_completion(new, lm, settings)
-        rows.append(replace(g, nll=sum(step_nll[: len(g.token_ids)]) / len(g.token_ids) if g.token_ids else None,
-                            continuation_nll=reference_nll))
-    return rows
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position among its row's real tokens (left padding and gaps skipped)."""
-    return (mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-def prefill(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, cache):
-    """Run the prompt tokens the cache does not hold yet: ([B, V] logits of the last position, cache)."""
-    held = cache.get_seq_length() if cache is not None else 0
-    kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(lm.model) else {}
-    if cache is not None:
-        kwargs[cache_argument(lm.model)] = cache
-    out = lm.model(input_ids=ids[:, held:], attention_mask=mask, position_ids=positions_of(mask)[:, held:],
-                   use_cache=True, **kwargs)
-    return out.logits[:, -1], cache_of(out)
-
-
-def decode(lm: LoadedModel, cache, logits: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings,
-           chooser: Chooser) -> tuple[list[list[int]], list[list[float]]]:
-    """Greedy (or seeded) decoding with the KV cache, one token per row per step. A row that ends
-    (end-of-sequence, stop string, max_new_tokens) leaves the batch at once: the steps after it run
-    only the rows still going, instead of carrying it to the longest row's end.
-
-    Returns each row's new tokens and each token's NLL under its step's raw logits.
-    """
-    rows = len(mask)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    nlls: list[list[float]] = [[] for _ in range(rows)]
-    active = list(range(rows))  # prompt index of each row still in the batch
-    position = positions_of(mask)[:, -1:]  # [A, 1]
-    stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0  # tokens that can hold a stop string
-    eos = set(lm.eos_token_ids)
-    for step in range(settings.max_new_tokens):
-        chosen = chooser(logits, step)  # [A]
-        nll = -torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None]).squeeze(1)  # [A]
-        going = []
-        for j, (token, value) in enumerate(zip(chosen.tolist(), nll.tolist())):
-            row = active[j]
-            tokens[row].append(token)
-            nlls[row].append(value)
-            tail = lm.tokenizer.decode(tokens[row][-stop_tail:], skip_special_tokens=True) if stop_tail else ""
-            if token not in eos and not (stop_tail and cut_at_stop(tail, settings.stop)[1]):
-                going.append(j)
-        if not going or step + 1 == settings.max_new_tokens:
-            break
-        if len(going) < len(active):
-            keep = torch.tensor(going, device=mask.device)
-            cache.batch_select_indices(keep)
-            mask, position, chosen = mask[keep], position[keep], chosen[keep]
-            chooser.keep(going)
-            active = [active[j] for j in going]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = position + 1
-        logits = lm.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                          **{cache_argument(lm.model): cache}).logits[:, -1]
-    return tokens, nlls
-
-
-def continuation_nll(
-    lm: LoadedModel, cache, first_logits: torch.Tensor, prompt_mask: torch.Tensor,
-    continuations: Sequence[Sequence[int] | None],
-) -> list[float | None]:
-    """Mean NLL of each continuation after its (left-padded) prompt, from the prompts' KV cache.
-
-    The prompts' last logits score each continuation's first token; one forward pass over the
-    continuations (right-padded, at the positions after each prompt) scores the rest. The cache is
-    then cut back to the prompts, for decoding to go on from there. A cache that cannot be cut back
-    leaves every row None (the caller scores them by a forward pass of their own).
-    """
-    width = prompt_mask.shape[1]
-    real = [c if c else [lm.pad_token_id] for c in continuations]  # rows without one ride along
-    ids, mask = pad_batch(real, lm.pad_token_id, "right", lm.device)  # [B, R]
-    positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1], device=lm.device)  # [B, R]
-    try:
-        logits = lm.model(
-            input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1), position_ids=positions,
-            use_cache=True, **{cache_argument(lm.model): cache},
-        ).logits  # [B, R, V]: position j predicts continuation token j + 1
-    except Exception:
-        logits = None
-    if cache.get_seq_length() > width:
-        cache.crop(width - cache.get_seq_length())  # a negative count removes that many from the end
-    if cache.get_seq_length() != width:  # decoding cannot go on from this cache
-        raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} tokens after cutting it to {width}")
-    if logits is None:
-        return [None] * len(continuations)
-    first = -torch.log_softmax(first_logits.float(), dim=-1).gather(1, ids[:, :1])  # [B, 1]
-    rest = -torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)  # [B, R-1]
-    nll = torch.cat([first, rest], dim=1)  # [B, R]
-    return [nll[i, : len(c)].mean().item() if c else None for i, c in enumerate(continuations)]
+    """One Generated per request, each as it would be alone. `prefix`: the tokens every prompt of the
+    job starts with (prompts.shared_start), computed once and shared."""
+    shared = SharedPrefix(lm, prefix)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        need = len(request.prompt) + max(settings.max_new_tokens, len(request.continuation or ()))
+        by_length[cache_length(need)].append(i)
+    done: dict[int, Generated] = {}
+    for length, members in sorted(by_length.items()):
+        # Prompts of similar length share prefill calls: less padding.
+        order = sorted(members, key=lambda i: (-len(requests[i].prompt), i))
+        done |= Decoder(lm, length, settings, shared, requests).run(order)
+    return [done[i] for i in range(len(requests))]

@@ -1,61 +1,81 @@
-"""Teacher-forced mean negative log-likelihood of token spans, batched, in float32."""
+"""Teacher-forced mean negative log-likelihood of token spans, on fixed-shape tiles (tiles.py)."""
 
 from __future__ import annotations
 
-import inspect
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from workers.batching import plan_batches
 from workers.models import LoadedModel
-from workers.padding import pad_batch
+from workers.tiles import CHUNK, PREFILL_ROWS, SharedPrefix, Tile, cache_length, chunks, tile_rows
 
-# Tokens per loss forward pass: logits are [tokens, vocab] floats (~200 KB a token for SmolLM2).
-LOSS_TOKEN_BUDGET = 4096
+
+@dataclass
+class Scoring:
+    """A sequence in a tile row: its chunks go in, one call after another."""
+
+    index: int
+    pieces: list  # (tokens, first position) chunks of the tokens fed
+    targets: list  # the same chunks of the tokens each fed token predicts
+    skip: int  # NLLs before the first scored token
+    fed: int = 0  # chunks fed so far
+    nlls: list[float] = field(default_factory=list)
+
+
+def start_scoring(tile: Tile, row: int, shared: SharedPrefix, index: int, sequence: Sequence[int],
+                  start: int) -> Scoring:
+    """Place a sequence in a tile row. Token t is predicted by the logits at t - 1: all tokens but the
+    last are fed, and every one after those the prefix holds is a target."""
+    first = max(start, 1)
+    held = shared.length_for(sequence, first)
+    if held:
+        shared.copy_into(tile, row)
+    return Scoring(index, chunks(sequence[held:-1], held, tile.width), chunks(sequence[held + 1 :], 0, tile.width),
+                   first - held - 1)
 
 
 def span_nll(
-    lm: LoadedModel, sequences: Sequence[Sequence[int]], starts: Sequence[int]
+    lm: LoadedModel, sequences: Sequence[Sequence[int]], starts: Sequence[int], prefix: Sequence[int] = ()
 ) -> list[float | None]:
-    """Mean NLL of tokens sequences[i][starts[i]:], each given the tokens before it.
+    """Mean NLL of tokens sequences[i][starts[i]:], each given the tokens before it; None where there
+    is no token to score. Each value depends on its sequence alone, not on the others scored with it.
 
-    None where there is no token to score. Right padding keeps every row's positions from 0, and
-    the causal mask keeps padding out of the real tokens' logits, so a batch scores each row as it
-    would alone.
+    A tile row takes the next sequence in the call after its last one ends, so the rows stay busy
+    whatever the lengths. `prefix`: tokens many sequences start with (prompts.shared_start); where a
+    sequence starts with it and scores nothing inside it, its keys and values are copied, not computed.
     """
+    shared = SharedPrefix(lm, prefix)
     results: list[float | None] = [None] * len(sequences)
-    lengths = [len(s) for s in sequences]
-    for batch in plan_batches(lengths, 0, max_rows=len(sequences) or 1, token_budget=LOSS_TOKEN_BUDGET):
-        for i, value in zip(batch, batch_nll(lm, [sequences[i] for i in batch], [starts[i] for i in batch])):
-            results[i] = value
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, (sequence, start) in enumerate(zip(sequences, starts)):
+        if max(start, 1) < len(sequence):
+            by_length[cache_length(len(sequence))].append(i)
+    for length, members in sorted(by_length.items()):
+        tile = Tile(lm, tile_rows(PREFILL_ROWS, length), length, CHUNK)
+        waiting = deque(sorted(members, key=lambda i: (-len(sequences[i]), i)))
+        rows: list[Scoring | None] = [None] * tile.rows
+        while waiting or any(rows):
+            for row in range(tile.rows):
+                if rows[row] is None and waiting:
+                    i = waiting.popleft()
+                    rows[row] = start_scoring(tile, row, shared, i, sequences[i], starts[i])
+            feeds = [run.pieces[run.fed] if run else None for run in rows]
+            targets = torch.zeros((tile.rows, tile.width), dtype=torch.long)
+            for row, run in enumerate(rows):
+                if run is not None:
+                    wanted = run.targets[run.fed][0]
+                    targets[row, tile.width - len(wanted) :] = torch.tensor(wanted, dtype=torch.long)
+            logits = tile.forward(feeds, last_only=False)  # [R, W, V]
+            nll = -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]  # [R, W]
+            for row, run in enumerate(rows):
+                if run is None:
+                    continue
+                run.nlls += nll[row, tile.width - len(feeds[row][0]) :].tolist()
+                run.fed += 1
+                if run.fed == len(run.pieces):
+                    scored = run.nlls[run.skip :]
+                    results[run.index] = sum(scored) / len(scored)
+                    rows[row] = None
     return results
-
-
-def takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def batch_nll(
-    lm: LoadedModel, sequences: Sequence[Sequence[int]], starts: Sequence[int]
-) -> list[float | None]:
-    ids, mask = pad_batch(sequences, lm.pad_token_id, "right", lm.device)  # [B, T]
-    # Token t is predicted by the logits at t-1; only positions lo..hi-1 predict a scored token.
-    firsts = [max(s, 1) for s in starts]
-    lo = min(firsts) - 1
-    hi = max(lo + 1, ids.shape[1] - 1)
-    if takes_logits_to_keep(lm.model):
-        # Project onto the vocabulary only where needed: the rest is most of the cost for prompts.
-        keep = torch.arange(lo, hi, device=lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # [B, hi-lo, V]
-    else:
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, lo:hi]  # [B, hi-lo, V]
-    targets = ids[:, lo + 1 : hi + 1]  # [B, hi-lo]
-    vocab = logits.shape[-1]
-    nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
-    nll = nll.view(len(sequences), -1)  # [B, hi-lo]
-    out: list[float | None] = []
-    for row, (seq, first) in enumerate(zip(sequences, firsts)):
-        out.append(nll[row, first - 1 - lo : len(seq) - 1 - lo].mean().item() if first < len(seq) else None)
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from workers.attention import use_tile_attention
 from workers.contract import ModelSpec
 from workers.embedded import embedded_gguf, prepare_gguf
 
@@ -88,7 +90,27 @@ def apply_adapter(model: Any, adapter: str) -> Any:
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
+def pin_kernels() -> None:
+    """Ask MKL (torch's float32 matrix products on x86 CPUs) for bitwise reproducible results
+    whatever the thread count and the memory alignment: its Conditional Numerical Reproducibility
+    in strict mode, on the best code path for this CPU. Without it, a product computed by the second
+    of two threads can differ in the last bits from the same product on the first, so a row's
+    numbers would depend on its slot in a tile (measured: attention of slot 40 of 64 differs from
+    slot 0). MKL reads the setting at its first call, so this runs before the process computes
+    anything; a value the user set is kept."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+def kernels_pinned(device: torch.device) -> bool:
+    """Whether a row's results depend on the row alone here: fixed shapes (workers.tiles) always, and
+    on CPUs with MKL its strict reproducible mode (pin_kernels; a user's MKL_CBWR may turn it off)."""
+    if device.type != "cpu" or not torch.backends.mkl.is_available():
+        return True
+    return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
+    pin_kernels()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -104,6 +126,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if spec.adapter:
         model = apply_adapter(model, spec.adapter)
     model = model.to(device).eval()
+    use_tile_attention(model)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length

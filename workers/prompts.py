@@ -42,3 +42,14 @@ def encode_text(tokenizer: Any, text: str, settings: PromptSettings) -> list[int
     tokenizer's own (a BOS token, for tokenizers that add one).
     """
     return tokenizer(text, add_special_tokens=settings.format == "raw")["input_ids"]
+
+
+def shared_start(tokenizer: Any, settings: PromptSettings) -> list[int]:
+    """The tokens every prompt of this format starts with, whatever the question (a chat template's
+    system turn, cot's instruction and examples): the common start of the prompts of unlike probe
+    questions. It depends on the settings alone, never on the rows being scored."""
+    probes = [encode_text(tokenizer, format_prompt(tokenizer, q, settings), settings) for q in ("a", "7", "Z?")]
+    n = 0
+    while all(len(p) > n for p in probes) and len({p[n] for p in probes}) == 1:
+        n += 1
+    return probes[0][:n]

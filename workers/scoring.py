@@ -17,12 +17,11 @@ import pyarrow as pa
 import torch
 
 from workers.answers import grade, parse_answer, parse_number
-from workers.batching import AUTO_MAX_ROWS, AUTO_TOKEN_BUDGET, plan_batches
 from workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
-from workers.generation import Generated, generate_batch, sample_seed
+from workers.generation import Generated, Request, generate, sample_seed
 from workers.losses import span_nll
 from workers.models import LoadedModel
-from workers.prompts import encode_text, format_prompt
+from workers.prompts import encode_text, format_prompt, shared_start
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -104,31 +103,28 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
             )
 
 
-def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
+def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings, prefix: list[int]) -> None:
     todo = [item for item in items if item.error is None]
     gen = settings.generation
-    max_rows = gen.batch_size or AUTO_MAX_ROWS
-    budget = AUTO_TOKEN_BUDGET if gen.batch_size is None else 2**62
-    batches = plan_batches([len(item.prompt_ids) for item in todo], gen.max_new_tokens, max_rows, budget)
-    for batch in batches:
-        members = [todo[i] for i in batch]
-        run = lambda xs: generate_batch(  # noqa: E731
-            lm, [x.prompt_ids for x in xs], gen, [sample_seed(gen.seed, x.row, x.sample) for x in xs],
-            [x.reference_ids for x in xs],
-        )
-        for item, result in zip(members, per_row_fallback(run, members)):
-            if isinstance(result, BaseException):
-                item.error = f"generation failed: {describe(result)}"
-            else:
-                item.generated = result
+
+    def run(xs: list[Item]) -> list[Generated]:
+        requests = [Request(tuple(x.prompt_ids), sample_seed(gen.seed, x.row, x.sample),
+                            None if x.reference_ids is None else tuple(x.reference_ids)) for x in xs]
+        return generate(lm, requests, gen, prefix)
+
+    for item, result in zip(todo, per_row_fallback(run, todo)):
+        if isinstance(result, BaseException):
+            item.error = f"generation failed: {describe(result)}"
+        else:
+            item.generated = result
 
 
-def item_losses(lm: LoadedModel, items: Sequence[Item]) -> list[tuple]:
+def item_losses(lm: LoadedModel, items: Sequence[Item], prefix: list[int]) -> list[tuple]:
     """(loss, completion_loss, reference_loss) per item, as the output contract defines them.
 
     completion_loss comes from generation's own logits, reference_loss mostly from generation's
-    prompt cache; `loss`, and any reference that could not be scored there, take batched forward
-    passes, one kind of sequence at a time so that a batch's scored spans line up.
+    prompt cache; `loss`, and any reference whose tokens do not start where the prompt's end, are
+    scored by span_nll.
     """
     # loss: question + completion as plain text, with the tokenizer's own special tokens.
     whole = [lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
@@ -138,7 +134,7 @@ def item_losses(lm: LoadedModel, items: Sequence[Item]) -> list[tuple]:
     by_item = {id(item): item.generated.continuation_nll for item in items
                if item.generated.continuation_nll is not None}
     rest = [item for item in items if item.reference is not None and id(item) not in by_item]
-    references = span_nll(lm, [item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest])
+    references = span_nll(lm, [item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest], prefix)
     by_item |= dict(zip(map(id, rest), references))
     return [
         (loss, item.generated.nll, by_item.get(id(item)))
@@ -146,9 +142,9 @@ def item_losses(lm: LoadedModel, items: Sequence[Item]) -> list[tuple]:
     ]
 
 
-def score_losses(lm: LoadedModel, items: Sequence[Item]) -> dict[int, tuple]:
+def score_losses(lm: LoadedModel, items: Sequence[Item], prefix: list[int]) -> dict[int, tuple]:
     done = [item for item in items if item.generated is not None]
-    losses = per_row_fallback(lambda xs: item_losses(lm, xs), done)
+    losses = per_row_fallback(lambda xs: item_losses(lm, xs, prefix), done)
     out = {}
     for item, value in zip(done, losses):
         if isinstance(value, BaseException):
@@ -196,10 +192,11 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> 
     ]
     with torch.inference_mode():
         prepare_prompts(lm, items, settings)
+        prefix = shared_start(lm.tokenizer, settings.prompt)
         started = time.perf_counter()
-        generate_items(lm, items, settings)
+        generate_items(lm, items, settings, prefix)
         generated = time.perf_counter()
-        losses = score_losses(lm, items)
+        losses = score_losses(lm, items, prefix)
         timings = {"generate_s": generated - started, "loss_s": time.perf_counter() - generated}
     table = result_table(items, losses, settings)
     return table.replace_schema_metadata({TIMINGS_KEY: json.dumps(timings).encode()})

@@ -1,0 +1,207 @@
+"""Fixed-shape model calls: each row's numbers depend on the row alone.
+
+Matrix kernels choose their blocking, and so the order in which they add, by the shapes they are
+given: the same row run in a batch of 3 or of 64, or with 8 tokens of left padding, comes out
+different in the last bits, and in bfloat16 by enough to flip a greedy choice. So every forward
+pass here has one of a few shapes fixed in advance: a tile of `rows` rows, `width` tokens each,
+over a cache of `length` positions per row. Which rows share a call changes no shape:
+
+- each row's keys and values sit at fixed places of a preallocated cache (its own positions
+  0..n-1), whatever other rows hold;
+- a row's tokens are cut into chunks by the row's own length, right-aligned, so that its last
+  token is the last column of its last call;
+- free places of a call carry padding that writes only to a scratch area past `length`, which no
+  real token attends to; a real token attends to its own row's positions up to its own.
+
+A row's own length picks its cache length (a power of two), so a long prompt never widens the
+calls of its neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from workers.models import LoadedModel
+
+DECODE_ROWS = 64  # rows of every decode call: [64, 1]
+PREFILL_ROWS = 64  # rows of every prefill call: [64, CHUNK]
+CHUNK = 8  # tokens per row of a prefill call
+MIN_LENGTH = 128  # fewest cache positions per row
+TILE_POSITIONS = 32768  # rows x length of one tile: rows of long sequences share narrower tiles
+
+
+def cache_length(need: int) -> int:
+    """Cache positions for a row that needs `need`: a power of two, at least MIN_LENGTH."""
+    return max(MIN_LENGTH, 1 << max(need - 1, 0).bit_length())
+
+
+def tile_rows(widest: int, length: int) -> int:
+    return max(1, min(widest, TILE_POSITIONS // length))
+
+
+class SlotCache:
+    """Keys and values of a tile, [rows, kv_heads, positions, head_dim] per layer, written at the
+    places the tile gives (`writes`: [rows, tokens] positions). Each layer's tensors are allocated
+    at its first write, with that layer's heads and dtype."""
+
+    def __init__(self, rows: int, positions: int) -> None:
+        self.rows, self.positions = rows, positions
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.writes: torch.Tensor | None = None  # [rows, tokens]: where this call's tokens go
+        self.row_index = torch.arange(rows)
+
+    def _allocate(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        if layer == len(self.keys):
+            self.keys.append(key.new_zeros(self.rows, key.shape[1], self.positions, key.shape[3]))
+            self.values.append(value.new_zeros(self.rows, value.shape[1], self.positions, value.shape[3]))
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """The model's call: store this call's keys and values ([rows, heads, tokens, dim]), return the
+        layer's whole cache."""
+        self._allocate(layer_idx, key, value)
+        rows = self.row_index[: self.rows, None]  # [R, 1]: with writes [R, T], one place per token
+        self.keys[layer_idx][rows, :, self.writes] = key.transpose(1, 2)  # [R, T, heads, dim]
+        self.values[layer_idx][rows, :, self.writes] = value.transpose(1, 2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always given explicitly
+
+    def take(self, row: int, source: SlotCache, source_row: int, count: int) -> None:
+        """Copy positions 0..count-1 of another cache's row into this cache's `row`."""
+        for layer, (key, value) in enumerate(zip(source.keys, source.values)):
+            self._allocate(layer, key, value)
+            self.keys[layer][row, :, :count] = key[source_row, :, :count]
+            self.values[layer][row, :, :count] = value[source_row, :, :count]
+
+
+def cache_argument(model) -> str:
+    """transformers 5 names the KV cache argument `cache`; earlier versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class Tile:
+    """`rows` rows of `length` cache positions, fed `width` tokens per row per call."""
+
+    def __init__(self, lm: LoadedModel, rows: int, length: int, width: int) -> None:
+        self.lm, self.rows, self.length, self.width = lm, rows, length, width
+        self.cache = SlotCache(rows, length + width)
+        self.positions = torch.arange(length + width, device=lm.device)  # [S]
+        self.scratch = length + torch.arange(width, device=lm.device)  # [W]: where padding writes
+        self.cache_kwarg = cache_argument(lm.model)
+        self.keep_kwarg = takes_logits_to_keep(lm.model)
+
+    def forward(self, feeds: Sequence[tuple[Sequence[int], int] | None], last_only: bool) -> torch.Tensor:
+        """One call. feeds[r] = (tokens, first position) for row r (at most `width` tokens, placed in
+        the last columns), or None for a row that only carries padding.
+
+        Returns float32 logits: [rows, vocab] of the last column if `last_only`, else [rows, width, vocab].
+        """
+        rows, width, device = self.rows, self.width, self.lm.device
+        ids = torch.full((rows, width), self.lm.pad_token_id, dtype=torch.long)
+        position = torch.zeros((rows, width), dtype=torch.long)
+        real = torch.zeros((rows, width), dtype=torch.bool)
+        for r, feed in enumerate(feeds):
+            if feed is not None:
+                tokens, first = feed
+                n = len(tokens)
+                ids[r, width - n:] = torch.tensor(tokens, dtype=torch.long)
+                position[r, width - n:] = torch.arange(first, first + n)
+                real[r, width - n:] = True
+        ids, position, real = ids.to(device), position.to(device), real.to(device)
+        self.cache.writes = torch.where(real, position, self.scratch)  # [R, W]
+        self.cache.row_index = self.cache.row_index.to(device)
+        # A real token sees its row's positions up to its own; padding sees only its scratch place.
+        sees_row = (self.positions <= position[..., None]) & (self.positions < self.length)  # [R, W, S]
+        sees_scratch = self.positions == self.scratch[:, None]  # [W, S]
+        mask = torch.where(real[..., None], sees_row, sees_scratch)[:, None]  # [R, 1, W, S]
+        kwargs = {self.cache_kwarg: self.cache}
+        if self.keep_kwarg:
+            kwargs["logits_to_keep"] = 1 if last_only else 0
+        logits = self.lm.model(input_ids=ids, position_ids=position, attention_mask=mask, use_cache=True,
+                               **kwargs).logits  # [R, 1 or W, V]
+        return logits[:, -1].float() if last_only else logits.float()
+
+
+def chunks(tokens: Sequence[int], first: int, width: int) -> list[tuple[Sequence[int], int]]:
+    """A row's tokens as (chunk, first position) pieces of `width`, cut from the end: only the first
+    chunk may be short. The cut depends on the row's own length alone."""
+    pieces = []
+    end = len(tokens)
+    while end > 0:
+        start = max(0, end - width)
+        pieces.append((tokens[start:end], first + start))
+        end = start
+    return pieces[::-1]
+
+
+def feed_rows(
+    tile: Tile, rows: dict[int, tuple[Sequence[int], int]], targets: dict[int, Sequence[int]] | None = None
+) -> tuple[torch.Tensor, dict[int, list[float]]]:
+    """Feed each tile row r its rows[r] = (tokens, first position), in chunks. The rows' last chunks
+    share the last call, so that its last column holds every row's last token.
+
+    Returns that call's last-column logits ([rows, vocab], float32) and, when `targets` gives each
+    row the token that should follow each of its tokens, the NLL of each target.
+    """
+    pieces = {r: chunks(tokens, first, tile.width) for r, (tokens, first) in rows.items()}
+    wanted = {r: chunks(targets[r], 0, tile.width) for r in rows} if targets is not None else {}
+    calls = max(map(len, pieces.values()))
+    nlls: dict[int, list[float]] = {r: [] for r in wanted}
+    for call in range(calls):
+        feeds: list[tuple[Sequence[int], int] | None] = [None] * tile.rows
+        target_ids = torch.zeros((tile.rows, tile.width), dtype=torch.long)
+        for r, row_pieces in pieces.items():
+            k = call - (calls - len(row_pieces))
+            if k >= 0:
+                feeds[r] = row_pieces[k]
+                if wanted:
+                    row_targets = wanted[r][k][0]
+                    target_ids[r, tile.width - len(row_targets):] = torch.tensor(row_targets, dtype=torch.long)
+        logits = tile.forward(feeds, last_only=not wanted)  # [R, V] or [R, W, V]
+        if wanted:
+            nll = -torch.log_softmax(logits, dim=-1).gather(2, target_ids.to(logits.device)[..., None])  # [R, W, 1]
+            for r, feed in enumerate(feeds):
+                if feed is not None:
+                    nlls[r] += nll[r, tile.width - len(feed[0]):, 0].tolist()
+            logits = logits[:, -1]
+    return logits, nlls
+
+
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth a cache of its own
+
+
+class SharedPrefix:
+    """The start every prompt of the job shares (a chat template's system turn, cot's examples),
+    computed once, in one call of its own shape; rows that start with it copy its keys and values
+    (vLLM calls this prefix caching). It comes from the prompt settings, never from the rows at
+    hand, so a row uses it or not whatever its neighbours."""
+
+    def __init__(self, lm: LoadedModel, tokens: Sequence[int]) -> None:
+        self.lm = lm
+        self.tokens = tuple(tokens) if len(tokens) >= MIN_SHARED_PREFIX else ()
+        self.tile: Tile | None = None
+
+    def length_for(self, sequence: Sequence[int], scored_from: int | None = None) -> int:
+        """How many of the sequence's first tokens come from the prefix: all of it or none. The
+        sequence keeps at least one token of its own, and every token from `scored_from` on."""
+        n = len(self.tokens)
+        own = min(len(sequence), scored_from if scored_from is not None else len(sequence))
+        return n if n and own > n and tuple(sequence[:n]) == self.tokens else 0
+
+    def copy_into(self, tile: Tile, row: int) -> None:
+        if self.tile is None:
+            self.tile = Tile(self.lm, 1, len(self.tokens), len(self.tokens))
+            self.tile.forward([(self.tokens, 0)], last_only=True)
+        tile.cache.take(row, self.tile.cache, 0, len(self.tokens))
