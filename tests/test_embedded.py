@@ -100,7 +100,7 @@ def test_the_embedded_model_gives_the_same_bits_whatever_the_batch_shard_or_work
 
     from jobs.cli import cli
 
-    common = ["run", "--limit", "8", "--max-new-tokens", "12", "--dtype", dtype, "--quiet"]
+    common = ["run", "--limit", "6", "--max-new-tokens", "8", "--dtype", dtype, "--quiet"]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
     for output, layout in ((a, ["--batch-size", "1", "--shard-size", "3"]),
                            (b, ["--batch-size", "8", "--shard-size", "5", "--workers", "2", "--cpus-per-worker", "1"])):

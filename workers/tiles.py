@@ -26,7 +26,7 @@ import torch
 from workers.models import LoadedModel
 
 DECODE_ROWS = 64  # rows of every decode call: [64, 1]
-PREFILL_ROWS = 64  # rows of every prefill call: [64, CHUNK]
+PREFILL_ROWS = 16  # rows of every prefill call: [16, CHUNK]
 CHUNK = 8  # tokens per row of a prefill call
 MIN_LENGTH = 128  # fewest cache positions per row
 TILE_POSITIONS = 32768  # rows x length of one tile: rows of long sequences share narrower tiles
