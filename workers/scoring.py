@@ -56,8 +56,9 @@ def describe(error: BaseException) -> str:
 def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> list[Out | BaseException]:
     """fn over the whole batch; if that raises, over each input alone, keeping each one's error.
 
-    Out of (GPU) memory, the batch is halved instead, down to single rows: `--batch-size auto`
-    backs off rather than failing the rows.
+    Out of (GPU) memory, the inputs are halved and retried instead, down to single rows. A tile's own
+    memory is fixed (workers.tiles), so a lasting shortage ends as row errors; the rows that do get
+    scored are what they would be in any batch.
     """
     try:
         return list(fn(inputs))
