@@ -37,8 +37,11 @@ def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) ->
     """
     import ray
 
+    # The shards in flight on a worker run at once, so that its engine refills one's free decode
+    # slots with the other's rows.
     scorer = ray.remote(ShardScorer).options(
-        num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0
+        num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0,
+        max_concurrency=IN_FLIGHT_PER_WORKER,
     )
 
     def start_one():

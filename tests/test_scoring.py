@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ from workers.contract import (
     ScoringSettings,
     ShardTask,
 )
-from workers.generation import gumbel_noise
+from workers.generation import Engine, gumbel_noise
 from workers.models import load_model
 from workers.scoring import score_shard
 from workers.tiles import CHUNK
@@ -89,15 +90,13 @@ def test_three_losses_equal_an_independent_computation(lm):
 
 def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
     """Only `loss` takes a forward pass of its own: references are scored from generation's cache."""
-    import workers.scoring
+    real, scored = Engine.span_nll, []
 
-    real, scored = workers.scoring.span_nll, []
-
-    def recording(lm_, sequences, starts, *prefix):
+    def recording(engine, sequences, starts, **prefixed):
         scored.append(len(sequences))
-        return real(lm_, sequences, starts, *prefix)
+        return real(engine, sequences, starts, **prefixed)
 
-    monkeypatch.setattr(workers.scoring, "span_nll", recording)
+    monkeypatch.setattr(Engine, "span_nll", recording)
     rows = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
     assert scored == [len(QUESTIONS), 0]  # question + completion; no reference left to score
     assert all(r["reference_loss"] is not None for r in rows)
@@ -345,16 +344,14 @@ def test_a_gguf_file_loads_through_the_cached_conversion(embedded_folder):
 
 
 def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypatch):
-    import workers.scoring
+    real = Engine.generate
 
-    real = workers.scoring.generate
-
-    def fail_on_the_long_prompt(lm_, requests, *args):
-        if any("explain the steps" in lm_.tokenizer.decode(r.prompt) for r in requests):
+    def fail_on_the_long_prompt(engine, requests):
+        if any("explain the steps" in engine.lm.tokenizer.decode(r.prompt) for r in requests):
             raise ValueError("injected failure")
-        return real(lm_, requests, *args)
+        return real(engine, requests)
 
-    monkeypatch.setattr(workers.scoring, "generate", fail_on_the_long_prompt)
+    monkeypatch.setattr(Engine, "generate", fail_on_the_long_prompt)
     for batch_size in (None, 1):
         rows = score_shard(lm, task(QUESTIONS), settings(batch_size=batch_size)).to_pylist()
         failed = [r for r in rows if r["error"] is not None]
@@ -364,18 +361,16 @@ def test_a_generation_failure_confined_to_one_row_becomes_its_error(lm, monkeypa
 
 
 def test_out_of_memory_halves_the_batch_instead_of_failing_rows(lm, monkeypatch):
-    import workers.scoring
+    real, sizes = Engine.generate, []
 
-    real, sizes = workers.scoring.generate, []
-
-    def small_memory(lm_, requests, *args):
+    def small_memory(engine, requests):
         sizes.append(len(requests))
         if len(requests) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(lm_, requests, *args)
+        return real(engine, requests)
 
     expected = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).column("completion").to_pylist()
-    monkeypatch.setattr(workers.scoring, "generate", small_memory)
+    monkeypatch.setattr(Engine, "generate", small_memory)
     rows = score_shard(lm, task(QUESTIONS), settings(batch_size=8)).to_pylist()
     assert [r["error"] for r in rows] == [None] * len(QUESTIONS)
     assert [r["completion"] for r in rows] == expected
@@ -434,3 +429,50 @@ def test_the_nucleus_is_the_one_a_full_sort_finds():
         theirs = TopPLogitsWarper(top_p)(None, scores.clone()) > -float("inf")
         assert torch.equal(ours, theirs), top_p
     assert (top_p_filter(scores, 0.9)[6:] > -float("inf")).sum(dim=-1).min() > NUCLEUS_CANDIDATES
+
+
+def test_two_shards_in_flight_share_the_decode_tile(lm, monkeypatch):
+    """A worker's two shards run at once through one engine: rows of the second take the slots the
+    first's rows leave, and every row is what it is alone."""
+    import threading
+
+    from workers.generation import Batch, Decoder
+
+    gen = GenerationSettings(max_new_tokens=12)
+    first, second = chat_requests(lm, QUESTIONS[:4]), chat_requests(lm, QUESTIONS[4:])
+    engine = Engine(lm, gen)
+    batches, callers_per_round, real_round, real_init = [], [], Decoder.round, Batch.__init__
+
+    def batch_init(self, size):
+        real_init(self, size)
+        batches.append(self)
+
+    def round_(decoder):
+        if len(callers_per_round) == 2:  # the first caller's rows are running: let the second's arrive
+            deadline = time.monotonic() + 60
+            while len(batches) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        callers_per_round.append(len({id(run.pending.batch) for run in decoder.slots if run is not None}))
+        return real_round(decoder)
+
+    monkeypatch.setattr(Batch, "__init__", batch_init)
+    monkeypatch.setattr(Decoder, "round", round_)
+    results = {}
+
+    def run(name, requests):
+        with torch.inference_mode():
+            results[name] = engine.generate(requests)
+
+    caller = threading.Thread(target=run, args=("first", first))
+    caller.start()
+    while len(callers_per_round) < 2:
+        time.sleep(0.01)
+    run("second", second)
+    caller.join()
+    assert max(callers_per_round) == 2  # rounds ran rows of both callers
+    monkeypatch.undo()
+    with torch.inference_mode():
+        alone = [Engine(lm, gen).generate([r])[0] for r in first + second]
+    together = results["first"] + results["second"]
+    for column in ("token_ids", "nll", "continuation_nll"):
+        assert [getattr(g, column) for g in together] == [getattr(g, column) for g in alone], column

@@ -1,7 +1,8 @@
 """The Ray actor: holds one loaded model and scores the shards sent to it.
 
-Plain class; the driver wraps it with `ray.remote`. torch and transformers load in `__init__`, in
-the actor's process, never in the driver's.
+Plain class; the driver wraps it with `ray.remote`, with as many concurrent calls as shards in flight:
+those shards share one generation engine (continuous batching across shards). torch and transformers
+load in `__init__`, in the actor's process, never in the driver's.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ class ShardScorer:
         from workers.models import load_model
 
         self.settings = settings
-        self.lm = None
+        self.lm = self.engine = None
         self.load_error: str | None = None
         try:
+            from workers.scoring import shard_engine
+
             self.lm = load_model(spec)
+            self.engine = shard_engine(self.lm, settings)
         except Exception as error:  # reported by info(), so the driver can refuse the job clearly
             self.load_error = f"{type(error).__name__}: {error}"
 
@@ -50,4 +54,4 @@ class ShardScorer:
         if self.lm is None:
             raise RuntimeError(f"this worker could not load the model: {self.load_error}")
         crash_if_asked(task)
-        return score_shard(self.lm, task, self.settings)
+        return score_shard(self.lm, task, self.settings, self.engine)

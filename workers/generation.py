@@ -15,13 +15,16 @@ seed).
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict, deque
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from workers.contract import GenerationSettings
+from workers.losses import span_nll
 from workers.models import LoadedModel
 from workers.tiles import CHUNK, DECODE_ROWS, PREFILL_ROWS, SharedPrefix, Tile, cache_length, feed_rows, tile_rows
 
@@ -125,11 +128,35 @@ def trim_completion(new_ids: Sequence[int], lm: LoadedModel, settings: Generatio
     return Generated(tuple(body), decode(body), "length")
 
 
+class Batch:
+    """One caller's requests: their results as they finish, or the error that ended them."""
+
+    def __init__(self, size: int) -> None:
+        self.results: list[Generated | None] = [None] * size
+        self.left = size
+        self.error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.left == 0 or self.error is not None
+
+    def finish(self, index: int, generated: Generated) -> None:
+        self.results[index] = generated
+        self.left -= 1
+
+
+@dataclass(frozen=True)
+class Pending:
+    request: Request
+    batch: Batch
+    index: int  # into the batch
+
+
 @dataclass
 class Running:
     """A request in a decode slot."""
 
-    index: int  # into the requests
+    pending: Pending
     generator: torch.Generator | None
     continuation_nll: float | None
     tokens: list[int] = field(default_factory=list)
@@ -139,39 +166,48 @@ class Running:
 class Decoder:
     """One cache length's rows: a decode tile whose free slots are refilled from a prefill tile."""
 
-    def __init__(self, lm: LoadedModel, length: int, settings: GenerationSettings, prefix: SharedPrefix,
-                 requests: Sequence[Request]) -> None:
-        self.lm, self.settings, self.prefix, self.requests = lm, settings, prefix, requests
+    def __init__(self, lm: LoadedModel, length: int, settings: GenerationSettings, prefix: SharedPrefix) -> None:
+        self.lm, self.settings, self.prefix = lm, settings, prefix
         self.decode = Tile(lm, tile_rows(DECODE_ROWS, length), length, 1)
         self.prefill = Tile(lm, tile_rows(PREFILL_ROWS, length), length, CHUNK)
         # --batch-size: how many slots are used; the tile's shape stays the same.
         self.in_flight = min(self.decode.rows, settings.batch_size or self.decode.rows)
+        self.waiting: deque[Pending] = deque()
         self.slots: list[Running | None] = [None] * self.decode.rows
         self.logits: torch.Tensor | None = None  # [R, V]: each slot's next-token logits
         self.chooser = Chooser(settings, lm.eos_token_ids)
         # Tokens that can hold a stop string.
         self.stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0
-        self.done: dict[int, Generated] = {}
 
-    def run(self, order: Sequence[int]) -> dict[int, Generated]:
-        waiting = deque(order)
-        while waiting or any(self.slots):
-            self.refill(waiting)
-            self.choose()
-            if any(self.slots):
-                self.step()
-        return self.done
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(self.slots)
 
-    def refill(self, waiting: deque) -> None:
+    def round(self) -> None:
+        """Fill free slots, choose each running row's next token, and run the decode call."""
+        self.refill()
+        self.choose()
+        if any(self.slots):
+            self.step()
+
+    def fail(self, error: BaseException) -> None:
+        """A round raised: every request here ends with that error (the callers retry row by row)."""
+        for pending in [*self.waiting, *(run.pending for run in self.slots if run is not None)]:
+            pending.batch.error = pending.batch.error or error
+        self.waiting.clear()
+        self.slots = [None] * self.decode.rows
+
+    def refill(self) -> None:
         """Move waiting rows into free slots, a prefill tile's worth at a time (or all that remain)."""
+        waiting = self.waiting
         while waiting:
             free = [s for s in range(self.in_flight) if self.slots[s] is None]
             if not free or (any(self.slots) and len(free) < min(len(waiting), self.prefill.rows)):
                 return
-            wave: list[int] = []
+            wave: list[Pending] = []
             keys: dict[tuple, int] = {}  # (prompt, continuation) -> prefill row: samples share one
             while waiting and len(wave) < len(free):
-                request = self.requests[waiting[0]]
+                request = waiting[0].request
                 key = (request.prompt, request.continuation)
                 if key not in keys:
                     if len(keys) == self.prefill.rows:
@@ -180,7 +216,7 @@ class Decoder:
                 wave.append(waiting.popleft())
             self.admit(wave, free, keys)
 
-    def admit(self, wave: list[int], free: list[int], keys: dict[tuple, int]) -> None:
+    def admit(self, wave: list[Pending], free: list[int], keys: dict[tuple, int]) -> None:
         rows = {}
         for (prompt, _), row in keys.items():
             shared = self.prefix.length_for(prompt)
@@ -191,15 +227,15 @@ class Decoder:
         if self.logits is None:
             self.logits = torch.zeros((self.decode.rows, first.shape[-1]), device=first.device)
         scored = self.score_continuations(keys, first)
-        for index, slot in zip(wave, free):
-            request = self.requests[index]
+        for pending, slot in zip(wave, free):
+            request = pending.request
             row = keys[(request.prompt, request.continuation)]
             self.decode.cache.take(slot, self.prefill.cache, row, len(request.prompt))
             self.logits[slot] = first[row]
             generator = None
             if not self.settings.greedy:
                 generator = torch.Generator(device=self.lm.device).manual_seed(request.seed)
-            self.slots[slot] = Running(index, generator, scored.get(row))
+            self.slots[slot] = Running(pending, generator, scored.get(row))
 
     def score_continuations(self, keys: dict[tuple, int], first: torch.Tensor) -> dict[int, float]:
         """Mean NLL of each continuation after its prompt: the prompt's last logits score its first
@@ -239,7 +275,7 @@ class Decoder:
                 tail = self.lm.tokenizer.decode(run.tokens[-self.stop_tail:], skip_special_tokens=True)
                 stopped = cut_at_stop(tail, self.settings.stop)[1]
             if token in eos or stopped or len(run.tokens) == self.settings.max_new_tokens:
-                self.done[run.index] = self.finish(run)
+                run.pending.batch.finish(run.pending.index, self.finish(run))
                 self.slots[slot] = None
 
     def finish(self, run: Running) -> Generated:
@@ -253,9 +289,87 @@ class Decoder:
         feeds = [None] * self.decode.rows
         for slot, run in enumerate(self.slots):
             if run is not None:
-                prompt = len(self.requests[run.index].prompt)
+                prompt = len(run.pending.request.prompt)
                 feeds[slot] = ([run.tokens[-1]], prompt + len(run.tokens) - 1)
         self.logits = self.decode.forward(feeds, last_only=True)
+
+
+class Engine:
+    """Continuous batching for every caller of one worker: requests from concurrent callers (the two
+    shards a worker has in flight) share the decode tiles, so a slot freed by one shard's row is
+    refilled from the other's. The first caller whose rows are not all done drives the rounds; the
+    others wait for theirs. One thread runs the model at a time (`compute`).
+    """
+
+    def __init__(self, lm: LoadedModel, settings: GenerationSettings, prefix: Sequence[int] = ()) -> None:
+        self.lm, self.settings = lm, settings
+        self.prefix = SharedPrefix(lm, prefix)
+        self.decoders: dict[int, Decoder] = {}  # cache length -> its tiles
+        self.condition = threading.Condition()
+        self.compute = threading.RLock()
+        self.driving = False
+        self.seconds = {"generate_s": 0.0, "loss_s": 0.0}  # model time, by kind, since take_seconds()
+
+    def generate(self, requests: Sequence[Request]) -> list[Generated]:
+        """One Generated per request, each as it would be alone."""
+        batch = Batch(len(requests))
+        # Prompts of similar length share prefill calls: less padding.
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
+        with self.condition:
+            for i in order:
+                request = requests[i]
+                need = len(request.prompt) + max(self.settings.max_new_tokens, len(request.continuation or ()))
+                length = cache_length(need)
+                if length not in self.decoders:
+                    self.decoders[length] = Decoder(self.lm, length, self.settings, self.prefix)
+                self.decoders[length].waiting.append(Pending(request, batch, i))
+            while not batch.finished:
+                if self.driving:
+                    self.condition.wait()
+                    continue
+                self.driving = True
+                try:
+                    self.drive(batch)
+                finally:
+                    self.driving = False
+                    self.condition.notify_all()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results
+
+    def drive(self, batch: Batch) -> None:
+        """Rounds of every busy decoder until `batch` is done; called, and returns, holding `condition`,
+        which it lets go while the model runs so that other callers can add their requests."""
+        while not batch.finished:
+            for decoder in [d for d in self.decoders.values() if d.busy]:
+                self.condition.release()
+                error = None
+                try:
+                    with self.compute:
+                        started = time.perf_counter()
+                        decoder.round()
+                        self.seconds["generate_s"] += time.perf_counter() - started
+                except Exception as raised:  # confined to this decoder's requests: they fail with it
+                    error = raised
+                finally:
+                    self.condition.acquire()
+                if error is not None:
+                    decoder.fail(error)
+                self.condition.notify_all()
+
+    def span_nll(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], prefixed: bool = False):
+        """workers.losses.span_nll on this worker's model, `prefixed`: with the job's shared prefix."""
+        with self.compute:
+            started = time.perf_counter()
+            try:
+                return span_nll(self.lm, sequences, starts, self.prefix.tokens if prefixed else ())
+            finally:
+                self.seconds["loss_s"] += time.perf_counter() - started
+
+    def take_seconds(self) -> dict[str, float]:
+        with self.compute:
+            taken, self.seconds = self.seconds, {"generate_s": 0.0, "loss_s": 0.0}
+        return taken
 
 
 def generate(
@@ -263,14 +377,4 @@ def generate(
 ) -> list[Generated]:
     """One Generated per request, each as it would be alone. `prefix`: the tokens every prompt of the
     job starts with (prompts.shared_start), computed once and shared."""
-    shared = SharedPrefix(lm, prefix)
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, request in enumerate(requests):
-        need = len(request.prompt) + max(settings.max_new_tokens, len(request.continuation or ()))
-        by_length[cache_length(need)].append(i)
-    done: dict[int, Generated] = {}
-    for length, members in sorted(by_length.items()):
-        # Prompts of similar length share prefill calls: less padding.
-        order = sorted(members, key=lambda i: (-len(requests[i].prompt), i))
-        done |= Decoder(lm, length, settings, shared, requests).run(order)
-    return [done[i] for i in range(len(requests))]
+    return Engine(lm, settings, prefix).generate(requests)

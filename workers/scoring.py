@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,8 +17,7 @@ import torch
 
 from workers.answers import grade, parse_answer, parse_number
 from workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
-from workers.generation import Generated, Request, generate, sample_seed
-from workers.losses import span_nll
+from workers.generation import Engine, Generated, Request, sample_seed
 from workers.models import LoadedModel
 from workers.prompts import encode_text, format_prompt, shared_start
 
@@ -104,14 +102,16 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
             )
 
 
-def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings, prefix: list[int]) -> None:
+def generate_items(engine: Engine, items: Sequence[Item], settings: ScoringSettings) -> None:
     todo = [item for item in items if item.error is None]
     gen = settings.generation
 
     def run(xs: list[Item]) -> list[Generated]:
-        requests = [Request(tuple(x.prompt_ids), sample_seed(gen.seed, x.row, x.sample),
-                            None if x.reference_ids is None else tuple(x.reference_ids)) for x in xs]
-        return generate(lm, requests, gen, prefix)
+        return engine.generate([
+            Request(tuple(x.prompt_ids), sample_seed(gen.seed, x.row, x.sample),
+                    None if x.reference_ids is None else tuple(x.reference_ids))
+            for x in xs
+        ])
 
     for item, result in zip(todo, per_row_fallback(run, todo)):
         if isinstance(result, BaseException):
@@ -120,7 +120,7 @@ def generate_items(lm: LoadedModel, items: Sequence[Item], settings: ScoringSett
             item.generated = result
 
 
-def item_losses(lm: LoadedModel, items: Sequence[Item], prefix: list[int]) -> list[tuple]:
+def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
     """(loss, completion_loss, reference_loss) per item, as the output contract defines them.
 
     completion_loss comes from generation's own logits, reference_loss mostly from generation's
@@ -128,14 +128,15 @@ def item_losses(lm: LoadedModel, items: Sequence[Item], prefix: list[int]) -> li
     scored by span_nll.
     """
     # loss: question + completion as plain text, with the tokenizer's own special tokens.
-    whole = [lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
-    losses = span_nll(lm, whole, [1] * len(items))
+    whole = [engine.lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
+    losses = engine.span_nll(whole, [1] * len(items))
     # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens;
     # mostly done during generation, from the prompt's cache.
     by_item = {id(item): item.generated.continuation_nll for item in items
                if item.generated.continuation_nll is not None}
     rest = [item for item in items if item.reference is not None and id(item) not in by_item]
-    references = span_nll(lm, [item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest], prefix)
+    references = engine.span_nll([item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest],
+                                 prefixed=True)
     by_item |= dict(zip(map(id, rest), references))
     return [
         (loss, item.generated.nll, by_item.get(id(item)))
@@ -143,9 +144,10 @@ def item_losses(lm: LoadedModel, items: Sequence[Item], prefix: list[int]) -> li
     ]
 
 
-def score_losses(lm: LoadedModel, items: Sequence[Item], prefix: list[int]) -> dict[int, tuple]:
+def score_losses(engine: Engine, items: Sequence[Item]) -> dict[int, tuple]:
     done = [item for item in items if item.generated is not None]
-    losses = per_row_fallback(lambda xs: item_losses(lm, xs, prefix), done)
+    with engine.compute:  # the tokenizer too is used by one thread at a time
+        losses = per_row_fallback(lambda xs: item_losses(engine, xs), done)
     out = {}
     for item, value in zip(done, losses):
         if isinstance(value, BaseException):
@@ -183,8 +185,18 @@ def result_table(items: Sequence[Item], losses: dict[int, tuple], settings: Scor
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 
-def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> pa.Table:
-    """One RESULT_SCHEMA row per (input row, sample) of the shard."""
+def shard_engine(lm: LoadedModel, settings: ScoringSettings) -> Engine:
+    """The generation engine for a job's shards on this model: one per worker, shared by its shards."""
+    return Engine(lm, settings.generation, shared_start(lm.tokenizer, settings.prompt))
+
+
+def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings, engine: Engine | None = None) -> pa.Table:
+    """One RESULT_SCHEMA row per (input row, sample) of the shard. Shards scored at once (from two
+    threads) through one `engine` share its decode tiles.
+
+    The result's timings are the model time the engine spent since the last shard it reported:
+    summed over a worker's shards, its whole time, counted once."""
+    engine = engine or shard_engine(lm, settings)
     rows = task.rows.to_pylist()
     items = [
         Item(row=r["row"], sample=s, question=r["question"], reference=r["reference"])
@@ -192,12 +204,10 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings) -> 
         for s in range(settings.generation.num_samples)
     ]
     with torch.inference_mode():
-        prepare_prompts(lm, items, settings)
-        prefix = shared_start(lm.tokenizer, settings.prompt)
-        started = time.perf_counter()
-        generate_items(lm, items, settings, prefix)
-        generated = time.perf_counter()
-        losses = score_losses(lm, items, prefix)
-        timings = {"generate_s": generated - started, "loss_s": time.perf_counter() - generated}
+        with engine.compute:
+            prepare_prompts(lm, items, settings)
+        generate_items(engine, items, settings)
+        losses = score_losses(engine, items)
     table = result_table(items, losses, settings)
+    timings = engine.take_seconds()
     return table.replace_schema_metadata({TIMINGS_KEY: json.dumps(timings).encode()})
