@@ -26,8 +26,8 @@ def test_a_rows_chunks_and_cache_length_come_from_its_own_length():
     assert [(len(t), first) for t, first in pieces] == [(6, 5), (32, 11), (32, 43)]  # cut from the end
     assert [t for piece, _ in pieces for t in piece] == tokens
     assert chunks([7], 0, 32) == [([7], 0)]
-    assert [cache_length(n) for n in (1, 128, 129, 300, 5000)] == [128, 128, 256, 512, 8192]
-    assert [tile_rows(64, n) for n in (128, 512, 1024, 65536)] == [64, 64, 32, 1]
+    assert [cache_length(n) for n in (1, 128, 129, 193, 300, 385, 5000)] == [128, 128, 192, 256, 384, 512, 6144]
+    assert [tile_rows(64, n) for n in (128, 512, 768, 1024, 65536)] == [64, 64, 42, 32, 1]
 
 
 def test_answer_extraction_and_numbers():

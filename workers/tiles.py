@@ -13,8 +13,8 @@ over a cache of `length` positions per row. Which rows share a call changes no s
 - free places of a call carry padding that writes only to a scratch area past `length`, which no
   real token attends to; a real token attends to its own row's positions up to its own.
 
-A row's own length picks its cache length (a power of two), so a long prompt never widens the
-calls of its neighbours.
+A row's own length picks its cache length, so a long prompt never widens the calls of its
+neighbours.
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ TILE_POSITIONS = 32768  # rows x length of one tile: rows of long sequences shar
 
 
 def cache_length(need: int) -> int:
-    """Cache positions for a row that needs `need`: a power of two, at least MIN_LENGTH."""
-    return max(MIN_LENGTH, 1 << max(need - 1, 0).bit_length())
+    """Cache positions for a row that needs `need`: the first of 128, 192, 256, 384, 512, 768, ...
+    (powers of two and halfway between) that holds it. Attention runs over all of them, so a row
+    pays for at most half as many again as it needs; rows of different lengths share no tile, so
+    the steps are not finer."""
+    length = MIN_LENGTH
+    while length < need:
+        length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+    return length
 
 
 def tile_rows(widest: int, length: int) -> int:
