@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import JobError
+from bulkscore.jobs.errors import JobError
 
 DEFAULT_CPUS_PER_WORKER = 4
 # A ray:// head forks one server process per client, from a process full of gRPC threads; now and

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.errors import InputError
-from jobs.storage import Location
-from workers.answers import parse_number
+from bulkscore.jobs.errors import InputError
+from bulkscore.jobs.storage import Location
+from bulkscore.workers.answers import parse_number
 
 EXPORT_FORMATS = ("jsonl", "rft-json")
 NEEDED = ("id", "sample", "question", "reference", "completion", "is_correct")

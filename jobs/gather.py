@@ -9,8 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.storage import Location
-from workers.contract import RESULT_SCHEMA
+from bulkscore.jobs.storage import Location
+from bulkscore.workers.contract import RESULT_SCHEMA
 
 SETTINGS_KEY = b"bulkscore.settings"
 SUMMARY_KEY = b"bulkscore.summary"

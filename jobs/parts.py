@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from jobs.errors import JobError
-from jobs.shards import Shard
-from jobs.storage import Location
+from bulkscore.jobs.errors import JobError
+from bulkscore.jobs.shards import Shard
+from bulkscore.jobs.storage import Location
 
 
 def parts_folder(output: Location) -> Location:
@@ -59,3 +59,25 @@ class PartStore:
 
     def remove(self) -> None:
         self.folder.remove_tree()
+
+
+class MemoryStore:
+    """PartStore's place for a job with no output (bulkscore.run without `output`): nothing is
+    written, and nothing resumes."""
+
+    folder = "memory"
+
+    def __init__(self) -> None:
+        self.parts: dict[int, pa.Table] = {}
+
+    def open(self, fingerprint: str, plan: Sequence[Shard], settings: dict, overwrite: bool) -> set[int]:
+        return set()
+
+    def write(self, shard: Shard, table: pa.Table) -> None:
+        self.parts[shard.index] = table
+
+    def read(self, plan: Sequence[Shard]) -> pa.Table:
+        return pa.concat_tables([self.parts[s.index] for s in plan])
+
+    def remove(self) -> None:
+        self.parts.clear()

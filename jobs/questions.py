@@ -16,13 +16,28 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.errors import InputError
-from jobs.gather import CONTRACT_COLUMNS
+from bulkscore.jobs.errors import InputError
+from bulkscore.jobs.gather import CONTRACT_COLUMNS
 
 QUESTION_COLUMNS = ("question", "prompt", "input")
 ANSWER_COLUMNS = ("answer", "reference", "target", "correct_answer")
 ID_COLUMN = "id"
 ARRAY_COLUMNS = ("question", "answer", "reasoning")  # homework-style JSON rows
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """Rows given from Python (bulkscore.run): a pyarrow Table or a list of dicts; `name` stands for
+    a file name in messages."""
+
+    name: str
+    data: pa.Table | list[dict]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Source = Path | InMemory
 
 
 @dataclass(frozen=True)
@@ -177,8 +192,8 @@ def can_type(values: list) -> bool:
     return True
 
 
-def load_file(path: Path, columns: Columns) -> dict[str, list]:
-    data = read_file(path)
+def load_file(path: Source, columns: Columns) -> dict[str, list]:
+    data = path.data if isinstance(path, InMemory) else read_file(path)
     names = column_names(data)
     if not names:
         raise InputError(f"{path}: no rows")
@@ -195,9 +210,9 @@ def load_file(path: Path, columns: Columns) -> dict[str, list]:
     }
 
 
-def load_questions(paths: Sequence[Path], columns: Columns = Columns(), limit: int | None = None) -> pa.Table:
+def load_questions(paths: Sequence[Source], columns: Columns = Columns(), limit: int | None = None) -> pa.Table:
     """One table {id, question, reference, *other columns} of every input row, in the order given."""
-    parts = [load_file(Path(p), columns) for p in paths]
+    parts = [load_file(p if isinstance(p, InMemory) else Path(p), columns) for p in paths]
     total = sum(len(p["question"]) for p in parts)
     if total == 0:
         raise InputError(f"{', '.join(map(str, paths))}: no rows")

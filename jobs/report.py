@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.errors import InputError
-from jobs.export import read_answers
-from jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind, row_figures
-from jobs.storage import Location
+from bulkscore.jobs.errors import InputError
+from bulkscore.jobs.export import read_answers
+from bulkscore.jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind, row_figures
+from bulkscore.jobs.storage import Location
 
 DEFAULT_BY = "category"
 COLOURS = ("#3366cc", "#dc7633", "#2e9e5b", "#a33ea1", "#b8a200", "#17a2b8", "#6c757d", "#d63384")

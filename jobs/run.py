@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.cluster import plan_pool, ray_session
-from jobs.errors import JobError
-from jobs.gather import read_finished, shard_rows, summarize, write_output
-from jobs.parts import PartStore
-from jobs.progress import announcer, progress_bar
-from jobs.settings import JobSpec, fingerprint
-from jobs.shards import Shard, plan_shards
-from workers.contract import INPUT_SCHEMA, ShardTask, check_result, shard_timings
-from workers.embedded import cache_root, embedded_gguf, is_prepared
+from bulkscore.jobs.cluster import plan_pool, ray_session
+from bulkscore.jobs.errors import JobError
+from bulkscore.jobs.gather import read_finished, shard_rows, summarize, write_output
+from bulkscore.jobs.parts import MemoryStore, PartStore
+from bulkscore.jobs.progress import announcer, progress_bar
+from bulkscore.jobs.settings import JobSpec, fingerprint
+from bulkscore.jobs.shards import Shard, plan_shards
+from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, check_result, shard_timings
+from bulkscore.workers.embedded import cache_root, embedded_gguf, is_prepared
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class RunReport:
+    table: pa.Table  # the output's rows
     summary: dict
     already_finished: bool
 
@@ -69,14 +70,16 @@ def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> d
 def run_job(
     spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callable[[str], None]
 ) -> RunReport:
+    """Score `questions` as `spec` says; with no spec.output, in memory (nothing is written)."""
     started = time.perf_counter()
     job_fingerprint = fingerprint(spec, questions)
-    finished = check_output_free(spec, job_fingerprint, options.overwrite)
-    if finished is not None:
-        return RunReport(finished, already_finished=True)
+    if spec.output is not None:
+        finished = check_output_free(spec, job_fingerprint, options.overwrite)
+        if finished is not None:
+            return RunReport(spec.output.read_table().replace_schema_metadata(None), finished, already_finished=True)
 
     plan = plan_shards(questions.num_rows, spec.shard_size)
-    store = PartStore(spec.output)
+    store = PartStore(spec.output) if spec.output is not None else MemoryStore()
     done = store.open(job_fingerprint, plan, spec.settings(), options.overwrite)
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
@@ -88,10 +91,11 @@ def run_job(
     table = store.read(plan)
     extra = {"model": spec.model_name, "adapter": spec.model.adapter, **figures, "fingerprint": job_fingerprint}
     summary = summarize(table, questions.num_rows, time.perf_counter() - started, extra)
-    write_output(table, spec.output, spec.settings(), summary)
+    if spec.output is not None:
+        write_output(table, spec.output, spec.settings(), summary)
     if not options.keep_parts:
         store.remove()
-    return RunReport(summary, already_finished=False)
+    return RunReport(table, summary, already_finished=False)
 
 
 def score_on_ray(
@@ -104,7 +108,7 @@ def score_on_ray(
     startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed;
     the device and dtype the model ran in, and whether every worker's results were batch-invariant.
     """
-    from jobs.schedule import run_shards, start_workers
+    from bulkscore.jobs.schedule import run_shards, start_workers
 
     samples = spec.scoring.generation.num_samples
     with ray_session(options.address) as where:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from jobs.cluster import PoolPlan
-from jobs.errors import JobError
-from workers.actor import ShardScorer
-from workers.contract import ModelSpec, ScoringSettings, ShardTask, error_result
+from bulkscore.jobs.cluster import PoolPlan
+from bulkscore.jobs.errors import JobError
+from bulkscore.workers.actor import ShardScorer
+from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask, error_result
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_DEATHS = 3  # deaths of a whole shard before it is bisected

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.errors import JobError
-from jobs.questions import bundled_examples, load_examples
-from jobs.storage import Location
-from workers.contract import ModelSpec, PromptSettings, ScoringSettings
-from workers.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_gguf
-from workers.prompts import COT_INSTRUCTION
+from bulkscore.jobs.errors import JobError
+from bulkscore.jobs.questions import bundled_examples, load_examples
+from bulkscore.jobs.storage import Location
+from bulkscore.workers.contract import ModelSpec, PromptSettings, ScoringSettings
+from bulkscore.workers.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_gguf
+from bulkscore.workers.prompts import COT_INSTRUCTION
 
 
 @dataclass(frozen=True)
 class JobSpec:
     inputs: tuple[str, ...]
-    output: Location
+    output: Location | None  # None: in memory, nothing written
     model: ModelSpec
     scoring: ScoringSettings
     shard_size: int

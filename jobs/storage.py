@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.errors import JobError
+from bulkscore.jobs.errors import JobError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from jobs.cluster import use_token_if_present
-from jobs.errors import JobError
+from bulkscore.jobs.cluster import use_token_if_present
+from bulkscore.jobs.errors import JobError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 

@@ -138,7 +138,7 @@ def machine() -> str:
 
 
 def compare(args) -> None:
-    from jobs.questions import bundled_questions
+    from bulkscore.jobs.questions import bundled_questions
 
     folder = Path(tempfile.mkdtemp(prefix="bulkscore-bench-"))
     lines = bundled_questions().read_text().splitlines()[: args.questions]
@@ -202,7 +202,7 @@ def main() -> None:
         run_raydata(args) if args.peer == "raydata" else run_transformers(args, 1 if args.peer == "one" else PEER_BATCH)
         return
     if args.model_given is None:
-        from workers.embedded import embedded_gguf, prepare_gguf
+        from bulkscore.workers.embedded import embedded_gguf, prepare_gguf
 
         args.model = str(prepare_gguf(embedded_gguf()))
     else:

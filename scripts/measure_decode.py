@@ -30,12 +30,12 @@ def main() -> None:
 
     import torch
 
-    from jobs.questions import bundled_questions, read_jsonl
-    from jobs.settings import prompt_settings
-    from workers.contract import GenerationSettings, ModelSpec
-    from workers.generation import Request, generate, trim_completion
-    from workers.models import load_model
-    from workers.prompts import encode_text, format_prompt, shared_start
+    from bulkscore.jobs.questions import bundled_questions, read_jsonl
+    from bulkscore.jobs.settings import prompt_settings
+    from bulkscore.workers.contract import GenerationSettings, ModelSpec
+    from bulkscore.workers.generation import Request, generate, trim_completion
+    from bulkscore.workers.models import load_model
+    from bulkscore.workers.prompts import encode_text, format_prompt, shared_start
 
     lm = load_model(ModelSpec("embedded", "embedded", args.dtype, "cpu"))
     settings = prompt_settings(args.format, None, None)

@@ -21,7 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 @pytest.fixture(scope="session")
 def embedded_folder() -> Path:
     """The embedded SmolLM2 converted to safetensors (once per cache; ~30 s the first time)."""
-    from workers.embedded import embedded_gguf, prepare_gguf
+    from bulkscore.workers.embedded import embedded_gguf, prepare_gguf
 
     return prepare_gguf(embedded_gguf())
 
@@ -53,7 +53,7 @@ def ray_instance():
     """One private Ray instance for the tests that run jobs in-process (the CLI reuses it)."""
     import ray
 
-    from workers.faults import CRASH_ON_QUESTION
+    from bulkscore.workers.faults import CRASH_ON_QUESTION
 
     # Ray's processes inherit this: a worker given a question holding it dies by SIGKILL.
     os.environ[CRASH_ON_QUESTION] = CRASH_NEEDLE

@@ -19,12 +19,12 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from jobs.questions import load_questions  # noqa: E402
-from jobs.run import RunOptions, run_job  # noqa: E402
-from jobs.settings import JobSpec  # noqa: E402
-from jobs.storage import locate  # noqa: E402
+from bulkscore.jobs.questions import load_questions  # noqa: E402
+from bulkscore.jobs.run import RunOptions, run_job  # noqa: E402
+from bulkscore.jobs.settings import JobSpec  # noqa: E402
+from bulkscore.jobs.storage import locate  # noqa: E402
 from tests.helpers import QUESTIONS, descendants, write_jsonl  # noqa: E402
-from workers.contract import (  # noqa: E402
+from bulkscore.workers.contract import (  # noqa: E402
     GenerationSettings,
     GradingSettings,
     ModelSpec,

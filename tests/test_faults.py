@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from bulkscore.jobs.cli import cli
 from tests.conftest import CRASH_NEEDLE
 from tests.helpers import QUESTIONS, kill_job, write_jsonl
 

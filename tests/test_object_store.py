@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from bulkscore.jobs.cli import cli
 from tests.helpers import QUESTIONS, write_jsonl
 
 

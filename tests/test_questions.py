@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.errors import InputError
-from jobs.questions import Columns, bundled_questions, load_questions
-from jobs.settings import JobSpec, fingerprint
-from jobs.storage import locate
-from workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
+from bulkscore.jobs.errors import InputError
+from bulkscore.jobs.questions import Columns, bundled_questions, load_questions
+from bulkscore.jobs.settings import JobSpec, fingerprint
+from bulkscore.jobs.storage import locate
+from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
 from tests.helpers import QUESTIONS, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

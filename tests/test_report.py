@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from jobs.cli import cli
-from jobs.report import COLOURS
+from bulkscore.jobs.cli import cli
+from bulkscore.jobs.report import COLOURS
 from tests.helpers import QUESTIONS, browser, write_jsonl
 from tests.test_cli import OUTPUT_SCHEMA
 
@@ -145,7 +145,7 @@ def test_input_columns_pass_through_run_with_their_types(tiny_model, tmp_path, r
 
 
 def test_bundled_set_has_a_category_column():
-    from jobs.questions import bundled_questions, load_questions
+    from bulkscore.jobs.questions import bundled_questions, load_questions
 
     table = load_questions([bundled_questions()])
     assert table.column_names == ["id", "question", "reference", "category"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from jobs.schedule import run_shards
-from workers.contract import INPUT_SCHEMA, ShardTask, error_result
+from bulkscore.jobs.schedule import run_shards
+from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, error_result
 
 
 def shard(index: int) -> ShardTask:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.helpers import QUESTIONS
-from workers.contract import (
+from bulkscore.workers.contract import (
     INPUT_SCHEMA,
     GenerationSettings,
     GradingSettings,
@@ -22,10 +22,10 @@ from workers.contract import (
     ScoringSettings,
     ShardTask,
 )
-from workers.generation import Engine, gumbel_noise
-from workers.models import load_model
-from workers.scoring import score_shard
-from workers.tiles import CHUNK
+from bulkscore.workers.generation import Engine, gumbel_noise
+from bulkscore.workers.models import load_model
+from bulkscore.workers.scoring import score_shard
+from bulkscore.workers.tiles import CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,8 @@ def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
 
 
 def chat_requests(lm, questions=QUESTIONS, reference=" 42"):
-    from workers.generation import Request
-    from workers.prompts import encode_text, format_prompt
+    from bulkscore.workers.generation import Request
+    from bulkscore.workers.prompts import encode_text, format_prompt
 
     chat = PromptSettings("chat")
     tail = tuple(lm.tokenizer(reference, add_special_tokens=False)["input_ids"])
@@ -123,8 +123,8 @@ def model_calls(lm):
 def test_a_shared_prefix_is_computed_once_and_changes_little(lm):
     """Prompts that start alike (the chat template's system turn) copy one prefix cache, computed in a
     call of its own; from the settings alone, so a row uses it whatever its neighbours."""
-    from workers.generation import generate
-    from workers.prompts import shared_start
+    from bulkscore.workers.generation import generate
+    from bulkscore.workers.prompts import shared_start
 
     requests = chat_requests(lm)
     prefix = shared_start(lm.tokenizer, PromptSettings("chat"))
@@ -148,11 +148,11 @@ def test_a_shared_prefix_is_computed_once_and_changes_little(lm):
 def test_a_finished_row_frees_its_slot_for_a_waiting_row(lm, monkeypatch):
     """Continuous batching: a row that ends leaves its slot the step it ends and a waiting row takes
     it while the others go on; every call keeps the tile's shape, and each row equals itself alone."""
-    import workers.generation
-    from workers.generation import Decoder, generate
+    import bulkscore.workers.generation
+    from bulkscore.workers.generation import Decoder, generate
 
-    monkeypatch.setattr(workers.generation, "DECODE_ROWS", 4)
-    monkeypatch.setattr(workers.generation, "PREFILL_ROWS", 1)
+    monkeypatch.setattr(bulkscore.workers.generation, "DECODE_ROWS", 4)
+    monkeypatch.setattr(bulkscore.workers.generation, "PREFILL_ROWS", 1)
     requests = chat_requests(lm)
     gen = GenerationSettings(max_new_tokens=12)
     with torch.inference_mode():
@@ -320,7 +320,7 @@ def test_raw_prompt_is_the_question_with_the_tokenizers_own_special_tokens(lm):
 
 
 def test_trim_keeps_tokens_up_to_the_first_eos(lm):
-    from workers.generation import trim_completion
+    from bulkscore.workers.generation import trim_completion
 
     hello = lm.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
     stopped = trim_completion(hello + [2, 2, 2], lm, GenerationSettings())
@@ -334,9 +334,9 @@ def test_trim_keeps_tokens_up_to_the_first_eos(lm):
 
 
 def test_a_gguf_file_loads_through_the_cached_conversion(embedded_folder):
-    from jobs.settings import resolve_model
-    from workers.embedded import embedded_gguf
-    from workers.models import model_folder
+    from bulkscore.jobs.settings import resolve_model
+    from bulkscore.workers.embedded import embedded_gguf
+    from bulkscore.workers.models import model_folder
 
     source, kind = resolve_model(str(embedded_gguf()))
     assert kind == "gguf" and source.endswith(".gguf")
@@ -405,7 +405,7 @@ def test_pickle_checkpoints_load_only_through_the_weights_only_loader(tmp_path, 
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it():
-    from workers.models import cpu_flags, resolve_dtype
+    from bulkscore.workers.models import cpu_flags, resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu, frozenset({"avx2", "avx512f"})) == torch.float32
@@ -421,7 +421,7 @@ def test_the_nucleus_is_the_one_a_full_sort_finds():
     the whole row. Either way: the tokens whose mass ahead of them is under top_p."""
     from transformers import TopPLogitsWarper
 
-    from workers.generation import NUCLEUS_CANDIDATES, top_p_filter
+    from bulkscore.workers.generation import NUCLEUS_CANDIDATES, top_p_filter
 
     torch.manual_seed(0)
     scores = torch.cat([torch.randn(6, 4096) * 4, torch.randn(2, 4096) * 0.01])  # peaked rows, then flat ones
@@ -437,7 +437,7 @@ def test_two_shards_in_flight_share_the_decode_tile(lm, monkeypatch):
     first's rows leave, and every row is what it is alone."""
     import threading
 
-    from workers.generation import Batch, Decoder
+    from bulkscore.workers.generation import Batch, Decoder
 
     gen = GenerationSettings(max_new_tokens=12)
     first, second = chat_requests(lm, QUESTIONS[:4]), chat_requests(lm, QUESTIONS[4:])

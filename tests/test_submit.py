@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from bulkscore.jobs.cli import cli
 from tests.helpers import QUESTIONS, start_head, stop_head, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -154,7 +154,7 @@ def test_runtime_env_and_working_dir_reach_the_job(jobs_api, tmp_path):
 def test_one_worker_per_gpu_by_default(monkeypatch):
     import ray
 
-    from jobs.cluster import PoolPlan, plan_pool
+    from bulkscore.jobs.cluster import PoolPlan, plan_pool
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
     assert plan_pool(None, None, None, shards=100) == PoolPlan(workers=4, cpus_per_worker=1.0, gpus_per_worker=1.0)
@@ -162,3 +162,18 @@ def test_one_worker_per_gpu_by_default(monkeypatch):
     assert plan_pool(None, None, None, shards=2).workers == 2  # never more workers than shards
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
     assert plan_pool(None, None, None, shards=100) == PoolPlan(workers=4, cpus_per_worker=4.0, gpus_per_worker=0.0)
+
+
+@pytest.mark.usefixtures("token_auth")
+def test_a_working_dir_with_its_own_jobs_and_workers_packages_runs(jobs_api, tiny_model, tmp_path):
+    """--working-dir goes first on the job's PYTHONPATH; its jobs/ and workers/ shadow nothing of ours."""
+    project = tmp_path / "project"
+    for name in ("jobs", "workers"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name}')\n")
+    questions = write_jsonl(project / "q.jsonl", QUESTIONS[:2])
+    output = tmp_path / "answers.parquet"
+    result = bulkscore("submit", "--address", jobs_api, "--working-dir", project, "--", questions, "--model",
+                       tiny_model, "-o", output, "--max-new-tokens", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(output).num_rows == 2

@@ -1,17 +1,18 @@
 """Small units of both sides, without a model or a Ray instance: shard plan, tile chunks, answer
 parsing and grading, joining Ray."""
 
+import os
 import re
 import time
 
 import pytest
 
-from jobs.cluster import ray_session
-from jobs.errors import JobError
-from jobs.shards import Shard, plan_shards
-from workers.answers import grade, is_close, parse_answer, parse_number
-from workers.contract import DEFAULT_ANSWER_REGEX
-from workers.tiles import cache_length, chunks, tile_rows
+from bulkscore.jobs.cluster import ray_session
+from bulkscore.jobs.errors import JobError
+from bulkscore.jobs.shards import Shard, plan_shards
+from bulkscore.workers.answers import grade, is_close, parse_answer, parse_number
+from bulkscore.workers.contract import DEFAULT_ANSWER_REGEX
+from bulkscore.workers.tiles import cache_length, chunks, tile_rows
 
 
 def test_shards_are_contiguous_and_cover_every_row():
@@ -79,6 +80,8 @@ def fake_ray_init(monkeypatch, errors: list[Exception]) -> list[str]:
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(time, "sleep", lambda s: None)
+    # ray_session turns on token mode for a cluster when a token exists: not for this process's later tests.
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
     return calls
 
 

@@ -12,19 +12,19 @@ import socket
 
 import pyarrow as pa
 
-from workers.contract import ModelSpec, ScoringSettings, ShardTask
-from workers.faults import crash_if_asked
+from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask
+from bulkscore.workers.faults import crash_if_asked
 
 
 class ShardScorer:
     def __init__(self, spec: ModelSpec, settings: ScoringSettings) -> None:
-        from workers.models import load_model
+        from bulkscore.workers.models import load_model
 
         self.settings = settings
         self.lm = self.engine = None
         self.load_error: str | None = None
         try:
-            from workers.scoring import shard_engine
+            from bulkscore.workers.scoring import shard_engine
 
             self.lm = load_model(spec)
             self.engine = shard_engine(self.lm, settings)
@@ -36,7 +36,7 @@ class ShardScorer:
             return {"pid": os.getpid(), "error": self.load_error}
         import ray
 
-        from workers.models import kernels_pinned
+        from bulkscore.workers.models import kernels_pinned
 
         return {
             "pid": os.getpid(),
@@ -49,7 +49,7 @@ class ShardScorer:
         }
 
     def score(self, task: ShardTask) -> pa.Table:
-        from workers.scoring import score_shard
+        from bulkscore.workers.scoring import score_shard
 
         if self.lm is None:
             raise RuntimeError(f"this worker could not load the model: {self.load_error}")

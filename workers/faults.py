@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from workers.contract import ShardTask
+from bulkscore.workers.contract import ShardTask
 
 CRASH_ON_QUESTION = "BULKSCORE_CRASH_ON_QUESTION"
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.contract import GenerationSettings
-from workers.losses import span_nll
-from workers.models import LoadedModel
-from workers.tiles import CHUNK, DECODE_ROWS, PREFILL_ROWS, SharedPrefix, Tile, cache_length, feed_rows, tile_rows
+from bulkscore.workers.contract import GenerationSettings
+from bulkscore.workers.losses import span_nll
+from bulkscore.workers.models import LoadedModel
+from bulkscore.workers.tiles import CHUNK, DECODE_ROWS, PREFILL_ROWS, SharedPrefix, Tile, cache_length, feed_rows, tile_rows
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.models import LoadedModel
-from workers.tiles import CHUNK, PREFILL_ROWS, SharedPrefix, Tile, cache_length, chunks, tile_rows
+from bulkscore.workers.models import LoadedModel
+from bulkscore.workers.tiles import CHUNK, PREFILL_ROWS, SharedPrefix, Tile, cache_length, chunks, tile_rows
 
 
 @dataclass

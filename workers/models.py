@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from workers.attention import use_tile_attention
-from workers.contract import ModelSpec
-from workers.embedded import embedded_gguf, prepare_gguf
+from bulkscore.workers.attention import use_tile_attention
+from bulkscore.workers.contract import ModelSpec
+from bulkscore.workers.embedded import embedded_gguf, prepare_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.contract import PromptSettings
+from bulkscore.workers.contract import PromptSettings
 
 PROMPT_FORMATS = ("raw", "chat", "cot")
 # cot's system message unless --system replaces it; tuned with the bundled examples on the bundled set.

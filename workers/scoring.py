@@ -15,11 +15,11 @@ from typing import TypeVar
 import pyarrow as pa
 import torch
 
-from workers.answers import grade, parse_answer, parse_number
-from workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
-from workers.generation import Engine, Generated, Request, sample_seed
-from workers.models import LoadedModel
-from workers.prompts import encode_text, format_prompt, shared_start
+from bulkscore.workers.answers import grade, parse_answer, parse_number
+from bulkscore.workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
+from bulkscore.workers.generation import Engine, Generated, Request, sample_seed
+from bulkscore.workers.models import LoadedModel
+from bulkscore.workers.prompts import encode_text, format_prompt, shared_start
 
 In = TypeVar("In")
 Out = TypeVar("Out")

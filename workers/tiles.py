@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from workers.models import LoadedModel
+from bulkscore.workers.models import LoadedModel
 
 DECODE_ROWS = 64  # rows of every decode call: [64, 1]
 PREFILL_ROWS = 16  # rows of every prefill call: [16, CHUNK]
