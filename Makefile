@@ -34,7 +34,10 @@ browser:
 	@command -v chromium >/dev/null || $(APT) install --no-install-recommends chromium fonts-dejavu-core \
 		|| { $(APT) update && $(APT) install --no-install-recommends chromium fonts-dejavu-core; }
 
+# ruff keeps the house tidy: lint, then the formatter's check (`ruff format .` fixes the latter).
 test: install browser
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 # bulkscore against transformers one at a time, batched, and Ray Data (scripts/bench.py).

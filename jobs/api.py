@@ -127,8 +127,9 @@ def run(
         shard_size=shard_size,
         limit=limit,
     )
-    questions = load_questions(sources or [bundled_questions()], Columns(question_column, answer_column, id_column),
-                               limit)
+    questions = load_questions(
+        sources or [bundled_questions()], Columns(question_column, answer_column, id_column), limit
+    )
     say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
     options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet)
     report = run_job(spec, questions, options, say)
@@ -150,8 +151,11 @@ def question_sources(inputs) -> list[Source]:
         return [InMemory("the rows given", items)]
     if items and all(isinstance(item, (str, os.PathLike)) for item in items):
         return [Path(item) for item in items]
-    raise UsageError("INPUTS", "give a path, a list of paths, a pyarrow Table, a pandas DataFrame or a list of dicts, "
-                     f"not {type(inputs).__name__}{' (empty)' if items == [] else ''}")
+    raise UsageError(
+        "INPUTS",
+        "give a path, a list of paths, a pyarrow Table, a pandas DataFrame or a list of dicts, "
+        f"not {type(inputs).__name__}{' (empty)' if items == [] else ''}",
+    )
 
 
 def check_batch_size(value: int | str | None) -> int | None:
@@ -206,8 +210,9 @@ def check_run(options: dict) -> None:
     if options["output"] is not None and "://" not in str(options["output"]):
         check_local_output(Path(options["output"]))
     if options["min_new_tokens"] > options["max_new_tokens"]:
-        raise UsageError("--min-new-tokens",
-                         f"{options['min_new_tokens']} is more than --max-new-tokens {options['max_new_tokens']}")
+        raise UsageError(
+            "--min-new-tokens", f"{options['min_new_tokens']} is more than --max-new-tokens {options['max_new_tokens']}"
+        )
     if options["num_samples"] > 1 and options["temperature"] == 0:
         raise UsageError("--num-samples", "greedy decoding gives the same completion every time; add --temperature > 0")
     try:
@@ -221,8 +226,10 @@ def check_run(options: dict) -> None:
 
 def check_prompt_options(prompt_format: str, system: str | None, examples) -> None:
     if examples is not None and prompt_format != "cot":
-        raise UsageError("--examples", f"worked examples are shown only in the cot format, not {prompt_format}; "
-                         "add --prompt-format cot")
+        raise UsageError(
+            "--examples",
+            f"worked examples are shown only in the cot format, not {prompt_format}; add --prompt-format cot",
+        )
     if examples is not None and not Path(examples).is_file():
         raise UsageError("--examples", f"{examples}: no such file")
     if system is not None and prompt_format == "raw":
@@ -252,8 +259,10 @@ def outputs(answers: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Lo
 
 
 def report(
-    answers: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike | None = None,
-    *, by: str | None = None,
+    answers: str | os.PathLike | Sequence[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    *,
+    by: str | None = None,
 ) -> tuple[str, str | None]:
     """One self-contained HTML page about `bulkscore run` outputs (several: side by side), as
     `bulkscore report` writes it; written to `output` when given. Returns (the page, the column it
@@ -269,7 +278,10 @@ def report(
 
 
 def export(
-    answers: str | os.PathLike, output: str | os.PathLike | None = None, *, format: str = "jsonl",
+    answers: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    format: str = "jsonl",
     correct_only: bool = False,
 ) -> Export:
     """A `bulkscore run` output as training data, as `bulkscore export` writes it: `jsonl` (a row per

@@ -52,8 +52,10 @@ class BatchSize(click.ParamType):
 
 def jobs_address(command):
     """The Ray Jobs address option of submit, status, logs and stop."""
-    return click.option("--address", help="Ray Jobs address, e.g. http://HEAD:8265 [default: $RAY_API_SERVER_ADDRESS, "
-                        "else $RAY_ADDRESS].")(command)
+    return click.option(
+        "--address",
+        help="Ray Jobs address, e.g. http://HEAD:8265 [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS].",
+    )(command)
 
 
 @click.group()
@@ -64,36 +66,104 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", default="answers.parquet", show_default=True, help="Output Parquet file: a path, or a filesystem URI such as s3://bucket/answers.parquet.")
+@click.option(
+    "-o",
+    "--output",
+    default="answers.parquet",
+    show_default=True,
+    help="Output Parquet file: a path, or a filesystem URI such as s3://bucket/answers.parquet.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or the checkpoints of another job.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N rows.")
 @click.option("--keep-parts", is_flag=True, help="Keep OUTPUT.parts/ (the per-shard checkpoints) after merging.")
 @click.option("--question-column", help="Column with the question [default: first of question, prompt, input].")
-@click.option("--answer-column", help="Column with the reference answer [default: first of answer, reference, target, correct_answer].")
+@click.option(
+    "--answer-column",
+    help="Column with the reference answer [default: first of answer, reference, target, correct_answer].",
+)
 @click.option("--id-column", help="Column with the row id [default: id, else the row's 0-based index].")
 @click.option("--model", help="Hub id, model folder or .gguf file [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--dtype", type=click.Choice(api.DTYPES), default=default("dtype"), show_default=True)
 @click.option("--device", type=click.Choice(api.DEVICES), default=default("device"), show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own code to run.")
-@click.option("--adapter", help="PEFT LoRA adapter folder, applied on top of --model (its own base-model field is ignored).")
-@click.option("--prompt-format", type=click.Choice(PROMPT_FORMATS), default=default("prompt_format"), show_default=True, help="raw: the question as is; chat: the tokenizer's chat template; cot: chat with an instruction to reason briefly and answer in <answer></answer>, after worked examples.")
+@click.option(
+    "--adapter", help="PEFT LoRA adapter folder, applied on top of --model (its own base-model field is ignored)."
+)
+@click.option(
+    "--prompt-format",
+    type=click.Choice(PROMPT_FORMATS),
+    default=default("prompt_format"),
+    show_default=True,
+    help="raw: the question as is; chat: the tokenizer's chat template; cot: chat with an instruction to reason briefly and answer in <answer></answer>, after worked examples.",
+)
 @click.option("--system", help="System message (chat); replaces the instruction (cot).")
-@click.option("--examples", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Worked examples for cot: question/answer-text pairs (JSONL, JSON or Parquet) [default: bundled].")
+@click.option(
+    "--examples",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Worked examples for cot: question/answer-text pairs (JSONL, JSON or Parquet) [default: bundled].",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=default("max_new_tokens"), show_default=True)
 @click.option("--min-new-tokens", type=click.IntRange(min=0), default=default("min_new_tokens"), show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=default("temperature"), show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=default("top_p"), show_default=True)
-@click.option("--num-samples", type=click.IntRange(min=1), default=default("num_samples"), show_default=True, help="Completions per question (needs --temperature > 0).")
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=default("temperature"),
+    show_default=True,
+    help="0 is greedy.",
+)
+@click.option(
+    "--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=default("top_p"), show_default=True
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=default("num_samples"),
+    show_default=True,
+    help="Completions per question (needs --temperature > 0).",
+)
 @click.option("--seed", type=int, default=default("seed"), show_default=True)
 @click.option("--stop", multiple=True, help="Stop generating at this text (repeatable).")
-@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=default("tolerance"), show_default=True, help="Relative tolerance for numeric answers.")
-@click.option("--answer-regex", default=default("answer_regex"), show_default=True, help="Extracts the answer from the completion (its first group that matched).")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0, min_open=True),
+    default=default("tolerance"),
+    show_default=True,
+    help="Relative tolerance for numeric answers.",
+)
+@click.option(
+    "--answer-regex",
+    default=default("answer_regex"),
+    show_default=True,
+    help="Extracts the answer from the completion (its first group that matched).",
+)
 @click.option("--address", help="Ray address [default: $RAY_ADDRESS, else a private local instance].")
-@click.option("--workers", type=click.IntRange(min=1), help="Actors [default: one per GPU, else CPUs / --cpus-per-worker].")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), help="CPUs per actor, also its torch threads [default: min(4, CPUs); 1 with a GPU].")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per actor, fractions allowed [default: 1 if the cluster has GPUs].")
-@click.option("--shard-size", type=click.IntRange(min=1), default=default("shard_size"), show_default=True, help="Rows per shard (the unit of checkpointing and scheduling).")
-@click.option("--batch-size", type=BatchSize(), default=default("batch_size"), show_default=True, help="Rows decoded at once per worker, at most one tile of 64; results do not depend on it.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Actors [default: one per GPU, else CPUs / --cpus-per-worker]."
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.FloatRange(min=0, min_open=True),
+    help="CPUs per actor, also its torch threads [default: min(4, CPUs); 1 with a GPU].",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0),
+    help="GPUs per actor, fractions allowed [default: 1 if the cluster has GPUs].",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=default("shard_size"),
+    show_default=True,
+    help="Rows per shard (the unit of checkpointing and scheduling).",
+)
+@click.option(
+    "--batch-size",
+    type=BatchSize(),
+    default=default("batch_size"),
+    show_default=True,
+    help="Rows decoded at once per worker, at most one tile of 64; results do not depend on it.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary still prints.")
 def run(inputs, output, **options):
     """Score INPUTS (JSONL, JSON or Parquet; none: the bundled unit-conversion set).
@@ -108,8 +178,11 @@ def run(inputs, output, **options):
         try:
             result = api.run(list(inputs) or None, output, say=say, **options)
         except KeyboardInterrupt:
-            click.echo(f"\nInterrupted. Finished shards are kept in {parts_folder(locate(output))}: run the same "
-                       "command again to resume.", err=True)
+            click.echo(
+                f"\nInterrupted. Finished shards are kept in {parts_folder(locate(output))}: run the same "
+                "command again to resume.",
+                err=True,
+            )
             sys.exit(130)
     if result.already_finished:
         click.echo(f"{output} already holds this job's results (use --overwrite to score again).")
@@ -128,9 +201,15 @@ def summary_table(summary: dict) -> str:
         ("rows", f"{summary['rows']:,} ({summary['samples']:,} samples, {summary['errors']:,} errors)"),
         ("answered", f"{summary['answered']:,} ({pct(summary['answer_rate'])})"),
         ("correct", f"{summary['correct']:,} (accuracy {pct(summary['accuracy'])})"),
-        ("mean loss", f"{num(summary['mean_loss'])} (completion {num(summary['mean_completion_loss'])}, reference {num(summary['mean_reference_loss'])})"),
+        (
+            "mean loss",
+            f"{num(summary['mean_loss'])} (completion {num(summary['mean_completion_loss'])}, reference {num(summary['mean_reference_loss'])})",
+        ),
         ("tokens", f"{summary['prompt_tokens']:,} prompt, {summary['completion_tokens']:,} completion"),
-        ("elapsed", f"{summary['elapsed_s']:.1f} s ({num(summary['rows_per_s'], 2)} rows/s, {num(summary['tokens_per_s'], 1)} tokens/s)"),
+        (
+            "elapsed",
+            f"{summary['elapsed_s']:.1f} s ({num(summary['rows_per_s'], 2)} rows/s, {num(summary['tokens_per_s'], 1)} tokens/s)",
+        ),
         ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
     ]
     return "\n".join(f"{k:<10} {v}" for k, v in lines)
@@ -139,8 +218,19 @@ def summary_table(summary: dict) -> str:
 @cli.command()
 @click.argument("answers")
 @click.option("-o", "--output", required=True, help="File to write: a path or a filesystem URI.")
-@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="jsonl", show_default=True, help="jsonl: one object per output row; rft-json: the assignment's rft.json, [question, answer, reasoning] per question with a correct sample.")
-@click.option("--correct-only", is_flag=True, help="jsonl: only the rows graded correct (rft-json keeps only correct ones anyway).")
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(EXPORT_FORMATS),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: one object per output row; rft-json: the assignment's rft.json, [question, answer, reasoning] per question with a correct sample.",
+)
+@click.option(
+    "--correct-only",
+    is_flag=True,
+    help="jsonl: only the rows graded correct (rft-json keeps only correct ones anyway).",
+)
 def export(answers, output, export_format, correct_only):
     """Write ANSWERS (a `bulkscore run` output) as training data. From Python: bulkscore.export.
 
@@ -156,8 +246,13 @@ def export(answers, output, export_format, correct_only):
 
 @cli.command()
 @click.argument("answers", nargs=-1, required=True)
-@click.option("-o", "--output", help="HTML file to write: a path or a filesystem URI [default: the first ANSWERS with .html].")
-@click.option("--by", help=f"Column to break accuracy and answer rate down by (a pass-through input column) [default: {DEFAULT_BY}, where every run has it].")
+@click.option(
+    "-o", "--output", help="HTML file to write: a path or a filesystem URI [default: the first ANSWERS with .html]."
+)
+@click.option(
+    "--by",
+    help=f"Column to break accuracy and answer rate down by (a pass-through input column) [default: {DEFAULT_BY}, where every run has it].",
+)
 def report(answers, output, by):
     """Write one self-contained HTML page about ANSWERS (`bulkscore run` outputs): summary,
     histograms of loss and completion length, accuracy per --by value, errors by kind, the
@@ -177,7 +272,11 @@ def report(answers, output, by):
 @cli.command(context_settings={"ignore_unknown_options": True})
 @jobs_address
 @click.option("--working-dir", help="Folder to upload as the job's working directory.")
-@click.option("--runtime-env", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Ray runtime environment (JSON or YAML file).")
+@click.option(
+    "--runtime-env",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ray runtime environment (JSON or YAML file).",
+)
 @click.option("--no-wait", is_flag=True, help="Print the job id and return; don't follow the job.")
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
 def submit(address, working_dir, runtime_env, no_wait, run_args):

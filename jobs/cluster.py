@@ -81,7 +81,9 @@ def ray_session(address: str | None) -> Iterator[str]:
         except (ConnectionError, RuntimeError, ValueError) as error:
             ray.shutdown()
             if attempt == CLIENT_START_TRIES or CLIENT_SERVER_FAILED not in str(error):
-                raise JobError(f"cannot start or join Ray at {address or 'a private local instance'}: {error}") from None
+                raise JobError(
+                    f"cannot start or join Ray at {address or 'a private local instance'}: {error}"
+                ) from None
             time.sleep(attempt)
     try:
         yield "a private local Ray instance" if is_private(address) else f"the Ray cluster at {address}"
@@ -99,8 +101,10 @@ def plan_pool(
     total_cpus = resources.get("CPU", 1.0)
     total_gpus = resources.get("GPU", 0.0)
     gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
-    cpus = cpus_per_worker if cpus_per_worker is not None else (
-        1.0 if gpus else float(min(DEFAULT_CPUS_PER_WORKER, total_cpus))
+    cpus = (
+        cpus_per_worker
+        if cpus_per_worker is not None
+        else (1.0 if gpus else float(min(DEFAULT_CPUS_PER_WORKER, total_cpus)))
     )
     if workers is None:
         workers = int(total_gpus // gpus) if gpus else int(total_cpus // cpus)

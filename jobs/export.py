@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.storage import Location
 from bulkscore.workers.answers import parse_number
@@ -68,7 +67,8 @@ def to_rft_json(table: pa.Table) -> Export:
             best[key] = row
     entries = [
         [row["question"], reference_value(row["reference"]), row["completion"]]
-        for key in questions if (row := best.get(key)) is not None
+        for key in questions
+        if (row := best.get(key)) is not None
     ]
     return Export(json.dumps(entries, indent=2, ensure_ascii=False) + "\n", len(entries), len(questions))
 

@@ -8,7 +8,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from bulkscore.jobs.storage import Location
 from bulkscore.workers.contract import RESULT_SCHEMA
 
@@ -18,8 +17,12 @@ SUMMARY_KEY = b"bulkscore.summary"
 
 def output_schema(questions: pa.Schema) -> pa.Schema:
     """The output contract's columns, in order, then the input's other columns (pass-through)."""
-    head = [questions.field("id"), RESULT_SCHEMA.field("sample"),
-            pa.field("question", pa.string()), pa.field("reference", pa.string())]
+    head = [
+        questions.field("id"),
+        RESULT_SCHEMA.field("sample"),
+        pa.field("question", pa.string()),
+        pa.field("reference", pa.string()),
+    ]
     contract = head + [f for f in RESULT_SCHEMA if f.name not in ("row", "sample")]
     return pa.schema(contract + [f for f in questions if f.name not in CONTRACT_COLUMNS])
 
@@ -95,24 +98,28 @@ def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> 
     """The job's figures. Counts and rates are over output rows, i.e. (input row, sample) pairs."""
     f = row_figures(table)
     kinds = Counter(error_kind(e) for e in table.column("error").drop_null().to_pylist())
-    return {
-        "rows": num_rows,
-        "samples": f["samples"],
-        "errors": f["errors"],
-        "error_kinds": dict(sorted(kinds.items())),
-        "answered": f["answered"],
-        "correct": f["correct"],
-        "accuracy": rounded(f["accuracy"]),
-        "answer_rate": rounded(f["answer_rate"]),
-        "mean_loss": rounded(f["mean_loss"]),
-        "mean_completion_loss": mean(table.column("completion_loss")),
-        "mean_reference_loss": mean(table.column("reference_loss")),
-        "prompt_tokens": f["prompt_tokens"],
-        "completion_tokens": f["completion_tokens"],
-        "elapsed_s": round(elapsed_s, 3),
-        "rows_per_s": round(num_rows / elapsed_s, 3) if elapsed_s > 0 else None,
-        "tokens_per_s": round(f["completion_tokens"] / elapsed_s, 3) if elapsed_s > 0 else None,
-    } | extra | {"versions": versions()}
+    return (
+        {
+            "rows": num_rows,
+            "samples": f["samples"],
+            "errors": f["errors"],
+            "error_kinds": dict(sorted(kinds.items())),
+            "answered": f["answered"],
+            "correct": f["correct"],
+            "accuracy": rounded(f["accuracy"]),
+            "answer_rate": rounded(f["answer_rate"]),
+            "mean_loss": rounded(f["mean_loss"]),
+            "mean_completion_loss": mean(table.column("completion_loss")),
+            "mean_reference_loss": mean(table.column("reference_loss")),
+            "prompt_tokens": f["prompt_tokens"],
+            "completion_tokens": f["completion_tokens"],
+            "elapsed_s": round(elapsed_s, 3),
+            "rows_per_s": round(num_rows / elapsed_s, 3) if elapsed_s > 0 else None,
+            "tokens_per_s": round(f["completion_tokens"] / elapsed_s, 3) if elapsed_s > 0 else None,
+        }
+        | extra
+        | {"versions": versions()}
+    )
 
 
 def write_output(table: pa.Table, output: Location, settings: dict, summary: dict) -> None:

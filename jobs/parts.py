@@ -10,7 +10,6 @@ import json
 from collections.abc import Sequence
 
 import pyarrow as pa
-
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.shards import Shard
 from bulkscore.jobs.storage import Location

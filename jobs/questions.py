@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.gather import CONTRACT_COLUMNS
 
@@ -92,8 +91,7 @@ def read_json(path: Path) -> list[dict]:
         raise InputError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(data, list):
         raise InputError(
-            f"{path}: expected a JSON array of objects or of [question, answer] arrays, "
-            f"got {type(data).__name__}"
+            f"{path}: expected a JSON array of objects or of [question, answer] arrays, got {type(data).__name__}"
         )
     rows = []
     for number, item in enumerate(data):
@@ -144,7 +142,9 @@ def column_values(data: pa.Table | list[dict], name: str) -> list:
     return [row.get(name) for row in data]
 
 
-def pick_column(path: Path, names: list[str], asked: str | None, candidates: Sequence[str], what: str, option: str) -> str | None:
+def pick_column(
+    path: Path, names: list[str], asked: str | None, candidates: Sequence[str], what: str, option: str
+) -> str | None:
     if asked is not None:
         if asked not in names:
             raise InputError(f"{path}: no column {asked!r} (asked for by {option}); columns: {', '.join(names)}")
@@ -240,7 +240,9 @@ def other_table(tables: list[pa.Table], paths: Sequence[Path]) -> tuple[list[str
     try:
         stacked = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise InputError(f"{', '.join(map(str, paths))}: a column has different types in different inputs ({error})") from None
+        raise InputError(
+            f"{', '.join(map(str, paths))}: a column has different types in different inputs ({error})"
+        ) from None
     names: list[str] = []
     for name in stacked.column_names:
         while name in CONTRACT_COLUMNS or name in names:
@@ -255,7 +257,9 @@ def id_array(ids: list, paths: Sequence[Path]) -> pa.Array:
     try:
         array = pa.array(ids)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        raise InputError(f"{', '.join(map(str, paths))}: the id column mixes types; ids must be all numbers or all text") from None
+        raise InputError(
+            f"{', '.join(map(str, paths))}: the id column mixes types; ids must be all numbers or all text"
+        ) from None
     if pa.types.is_integer(array.type):
         array = array.cast(pa.int64())
     if len(set(ids)) != len(ids):
@@ -265,7 +269,9 @@ def id_array(ids: list, paths: Sequence[Path]) -> pa.Array:
                 dup = v
                 break
             seen.add(v)
-        raise InputError(f"{', '.join(map(str, paths))}: duplicate id {dup!r}; ids must be unique (or drop the id column)")
+        raise InputError(
+            f"{', '.join(map(str, paths))}: duplicate id {dup!r}; ids must be unique (or drop the id column)"
+        )
     return array
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.export import read_answers
 from bulkscore.jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind, row_figures
@@ -23,8 +22,18 @@ from bulkscore.jobs.storage import Location
 
 DEFAULT_BY = "category"
 COLOURS = ("#3366cc", "#dc7633", "#2e9e5b", "#a33ea1", "#b8a200", "#17a2b8", "#6c757d", "#d63384")
-NEEDED = ("id", "question", "reference", "completion", "answer_text", "is_correct", "loss",
-          "num_prompt_tokens", "num_completion_tokens", "error")
+NEEDED = (
+    "id",
+    "question",
+    "reference",
+    "completion",
+    "answer_text",
+    "is_correct",
+    "loss",
+    "num_prompt_tokens",
+    "num_completion_tokens",
+    "error",
+)
 TOP_ROWS = 10  # rows shown per run in the highest-loss and wrong-answer lists
 MAX_GROUPS = 40  # --by values shown; the rest are summed into one line
 BINS = 20
@@ -78,7 +87,11 @@ def summary_section(runs: Sequence[Run]) -> str:
     lines = [
         ("rows", "rows", [f"{f['samples']:,}" for f in stats]),
         ("errors", "errors", [f"{f['errors']:,}" for f in stats]),
-        ("accuracy", "accuracy", [f"{percent(f['accuracy'])} ({f['correct']:,} of {f['with_reference']:,})" for f in stats]),
+        (
+            "accuracy",
+            "accuracy",
+            [f"{percent(f['accuracy'])} ({f['correct']:,} of {f['with_reference']:,})" for f in stats],
+        ),
         ("answer_rate", "answer rate", [f"{percent(f['answer_rate'])} ({f['answered']:,})" for f in stats]),
         ("mean_loss", "mean loss", [number(f["mean_loss"]) for f in stats]),
         ("prompt_tokens", "prompt tokens", [f"{f['prompt_tokens']:,}" for f in stats]),
@@ -90,7 +103,7 @@ def summary_section(runs: Sequence[Run]) -> str:
         ("adapter", "adapter", [esc(r.summary.get("adapter")) or "–" for r in runs]),
     ]
     body = "".join(
-        f'<tr><th>{label}</th>{"".join(f"<td data-metric={key!r} data-run={i}>{v}</td>" for i, v in enumerate(values))}</tr>'
+        f"<tr><th>{label}</th>{''.join(f'<td data-metric={key!r} data-run={i}>{v}</td>' for i, v in enumerate(values))}</tr>"
         for key, label, values in lines
     )
     return f'<section id="summary"><h2>Summary</h2><table class="grid">{run_heads(runs, "")}{body}</table></section>'
@@ -115,9 +128,11 @@ def settings_section(runs: Sequence[Run]) -> str:
         values = [f.get(key, "–") for f in flats]
         differs = " class=differs" if len(set(values)) > 1 else ""
         rows.append(f"<tr{differs}><th>{esc(key)}</th>{''.join(f'<td>{esc(v)}</td>' for v in values)}</tr>")
-    return (f'<section id="settings"><h2>Settings</h2><details><summary>{len(keys)} settings'
-            f'{" (differences highlighted)" if len(runs) > 1 else ""}</summary>'
-            f'<table class="grid">{run_heads(runs, "setting")}{"".join(rows)}</table></details></section>')
+    return (
+        f'<section id="settings"><h2>Settings</h2><details><summary>{len(keys)} settings'
+        f"{' (differences highlighted)' if len(runs) > 1 else ''}</summary>"
+        f'<table class="grid">{run_heads(runs, "setting")}{"".join(rows)}</table></details></section>'
+    )
 
 
 def histogram(series: Sequence[Sequence[float]], names: Sequence[str], title: str, integer: bool) -> str:
@@ -143,20 +158,23 @@ def histogram(series: Sequence[Sequence[float]], names: Sequence[str], title: st
     plot_w, plot_h = width - left - 24, height - bottom - top
     slot = plot_w / bins
     bar = slot * 0.9 / len(series)
-    parts = [f'<svg width="{width}" height="{height}" role="img" '
-             f'aria-label="{esc(title)}">',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>',
-             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{tallest}</text>',
-             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>']
+    parts = [
+        f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(title)}">',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>',
+        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{tallest}</text>',
+        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>',
+    ]
     for run, c in enumerate(counts):
         for b, n in enumerate(c):
             if n:
                 h = plot_h * n / tallest
                 x = left + b * slot + slot * 0.05 + run * bar
-                parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                             f'fill="{COLOURS[run % len(COLOURS)]}"><title>{esc(names[run])}: {n} rows in '
-                             f'[{edges[b]:.3g}, {edges[b + 1]:.3g})</title></rect>')
+                parts.append(
+                    f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
+                    f'fill="{COLOURS[run % len(COLOURS)]}"><title>{esc(names[run])}: {n} rows in '
+                    f"[{edges[b]:.3g}, {edges[b + 1]:.3g})</title></rect>"
+                )
     for i in range(0, bins + 1, max(1, bins // 5)):
         x = left + i * slot
         label = f"{edges[i]:g}" if integer else f"{edges[i]:.2f}"
@@ -169,14 +187,20 @@ def charts_section(runs: Sequence[Run]) -> str:
     names = [r.name for r in runs]
     loss = histogram([r.table.column("loss").drop_null().to_pylist() for r in runs], names, "loss (nats)", False)
     ok = [r.table.filter(pc.is_null(r.table.column("error"))) for r in runs]
-    tokens = histogram([t.column("num_completion_tokens").to_pylist() for t in ok], names, "num_completion_tokens", True)
+    tokens = histogram(
+        [t.column("num_completion_tokens").to_pylist() for t in ok], names, "num_completion_tokens", True
+    )
     legend = "".join(f"<span class=legend>{swatch(i)}{esc(n)}</span>" for i, n in enumerate(names))
-    return f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{loss}{tokens}</div></section>'
+    return (
+        f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{loss}{tokens}</div></section>'
+    )
 
 
 def group_figures(table: pa.Table, by: str) -> dict[str, dict]:
-    keys = [json.dumps(v) if isinstance(v, (dict, list)) else ("(none)" if v is None else str(v))
-            for v in table.column(by).to_pylist()]
+    keys = [
+        json.dumps(v) if isinstance(v, (dict, list)) else ("(none)" if v is None else str(v))
+        for v in table.column(by).to_pylist()
+    ]
     order = [k for k, _ in Counter(keys).most_common()]
     indices: dict[str, list[int]] = {k: [] for k in order}
     for i, k in enumerate(keys):
@@ -200,21 +224,32 @@ def by_section(runs: Sequence[Run], by: str | None) -> str:
             if f is None:
                 cells.append("<td>–</td>")
                 continue
-            bar = "" if f["accuracy"] is None else (
-                f'<div class="bar" style="width:{100 * f["accuracy"]:.1f}%;background:{COLOURS[i % len(COLOURS)]}"></div>')
-            cells.append(f'<td data-group="{esc(value)}" data-run={i}><span data-metric="accuracy">{percent(f["accuracy"])}'
-                         f'</span> · answered <span data-metric="answer_rate">{percent(f["answer_rate"])}</span> · '
-                         f'<span data-metric="rows">{f["samples"]:,}</span> rows{bar}</td>')
+            bar = (
+                ""
+                if f["accuracy"] is None
+                else (
+                    f'<div class="bar" style="width:{100 * f["accuracy"]:.1f}%;background:{COLOURS[i % len(COLOURS)]}"></div>'
+                )
+            )
+            cells.append(
+                f'<td data-group="{esc(value)}" data-run={i}><span data-metric="accuracy">{percent(f["accuracy"])}'
+                f'</span> · answered <span data-metric="answer_rate">{percent(f["answer_rate"])}</span> · '
+                f'<span data-metric="rows">{f["samples"]:,}</span> rows{bar}</td>'
+            )
         rows.append(f"<tr><th>{esc(value)}</th>{''.join(cells)}</tr>")
     more = f"<p>{len(values) - MAX_GROUPS} more values not shown.</p>" if len(values) > MAX_GROUPS else ""
-    return (f'<section id="by"><h2>Accuracy and answer rate by {esc(by)}</h2>'
-            f'<table class="grid">{run_heads(runs, by)}{"".join(rows)}</table>{more}</section>')
+    return (
+        f'<section id="by"><h2>Accuracy and answer rate by {esc(by)}</h2>'
+        f'<table class="grid">{run_heads(runs, by)}{"".join(rows)}</table>{more}</section>'
+    )
 
 
 def errors_section(runs: Sequence[Run]) -> str:
     parts = []
     for i, run in enumerate(runs):
-        failed = run.table.filter(pc.is_valid(run.table.column("error"))).select(["id", "question", "error"]).to_pylist()
+        failed = (
+            run.table.filter(pc.is_valid(run.table.column("error"))).select(["id", "question", "error"]).to_pylist()
+        )
         kinds = Counter(error_kind(r["error"]) for r in failed)
         if not failed:
             parts.append(f"<h3>{swatch(i)}{esc(run.name)}</h3><p class=none>No errors.</p>")
@@ -222,11 +257,14 @@ def errors_section(runs: Sequence[Run]) -> str:
         blocks = []
         for kind, n in kinds.most_common():
             rows = [r for r in failed if error_kind(r["error"]) == kind][:TOP_ROWS]
-            body = "".join(f"<tr><td>{esc(r['id'])}</td><td>{esc(r['question'])}</td><td>{esc(r['error'])}</td></tr>"
-                           for r in rows)
-            blocks.append(f'<details open><summary data-error-kind="{esc(kind)}" data-run={i}>{esc(kind)}: '
-                          f'{n:,} row(s)</summary><table class="rows"><tr><th>id</th><th>question</th>'
-                          f'<th>error</th></tr>{body}</table></details>')
+            body = "".join(
+                f"<tr><td>{esc(r['id'])}</td><td>{esc(r['question'])}</td><td>{esc(r['error'])}</td></tr>" for r in rows
+            )
+            blocks.append(
+                f'<details open><summary data-error-kind="{esc(kind)}" data-run={i}>{esc(kind)}: '
+                f'{n:,} row(s)</summary><table class="rows"><tr><th>id</th><th>question</th>'
+                f"<th>error</th></tr>{body}</table></details>"
+            )
         parts.append(f"<h3>{swatch(i)}{esc(run.name)}</h3>{''.join(blocks)}")
     return f'<section id="errors"><h2>Errors by kind</h2>{"".join(parts)}</section>'
 
@@ -234,8 +272,13 @@ def errors_section(runs: Sequence[Run]) -> str:
 def row_table(rows: list[dict], columns: Sequence[str]) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td class={'text' if c in ('question', 'completion') else 'cell'}>"
-                         f"{esc(number(r[c]) if isinstance(r[c], float) else r[c])}</td>" for c in columns) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td class={'text' if c in ('question', 'completion') else 'cell'}>"
+            f"{esc(number(r[c]) if isinstance(r[c], float) else r[c])}</td>"
+            for c in columns
+        )
+        + "</tr>"
         for r in rows
     )
     return f'<table class="rows"><tr>{head}</tr>{body}</table>'
@@ -250,11 +293,17 @@ def rows_section(runs: Sequence[Run]) -> str:
         parts.append(
             f"<h3>{swatch(i)}{esc(run.name)}</h3>"
             f"<h4>Highest loss</h4>"
-            + (row_table(worst_rows, ("id", "loss", "question", "reference", "completion")) if worst_rows
-               else "<p class=none>No losses.</p>")
+            + (
+                row_table(worst_rows, ("id", "loss", "question", "reference", "completion"))
+                if worst_rows
+                else "<p class=none>No losses.</p>"
+            )
             + f"<h4>Wrong answers (first {TOP_ROWS})</h4>"
-            + (row_table(wrong.to_pylist(), ("id", "question", "reference", "answer_text", "completion"))
-               if wrong.num_rows else "<p class=none>No wrong answers graded.</p>")
+            + (
+                row_table(wrong.to_pylist(), ("id", "question", "reference", "answer_text", "completion"))
+                if wrong.num_rows
+                else "<p class=none>No wrong answers graded.</p>"
+            )
         )
     return f'<section id="rows"><h2>Rows to look at</h2>{"".join(parts)}</section>'
 
@@ -278,11 +327,15 @@ def render_report(runs: Sequence[Run], by: str | None) -> str:
     title = "bulkscore report: " + ", ".join(r.name for r in runs)
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'; img-src data:">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{esc(title)}</h1>"
-        + summary_section(runs) + charts_section(runs) + by_section(runs, by) + errors_section(runs)
-        + rows_section(runs) + settings_section(runs)
+        + summary_section(runs)
+        + charts_section(runs)
+        + by_section(runs, by)
+        + errors_section(runs)
+        + rows_section(runs)
+        + settings_section(runs)
         + "</body></html>\n"
     )
 
@@ -293,8 +346,9 @@ def build_report(locations: Sequence[Location], by: str | None) -> tuple[str, st
     if by is not None:
         missing = [str(loc) for loc, r in zip(locations, runs) if by not in r.table.column_names]
         if missing:
-            raise InputError(f"--by {by}: no such column in {', '.join(missing)}; columns: "
-                             f"{', '.join(runs[0].table.column_names)}")
+            raise InputError(
+                f"--by {by}: no such column in {', '.join(missing)}; columns: {', '.join(runs[0].table.column_names)}"
+            )
     elif all(DEFAULT_BY in r.table.column_names for r in runs):
         by = DEFAULT_BY
     return render_report(runs, by), by

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
-
 from bulkscore.jobs.cluster import plan_pool, ray_session
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.gather import read_finished, shard_rows, summarize, write_output
@@ -44,8 +43,11 @@ class RunReport:
 def shard_task(questions: pa.Table, index: int, start: int, stop: int) -> ShardTask:
     rows = questions.slice(start, stop - start)
     table = pa.table(
-        {"row": pa.array(range(start, stop), pa.int64()), "question": rows.column("question"),
-         "reference": rows.column("reference")},
+        {
+            "row": pa.array(range(start, stop), pa.int64()),
+            "question": rows.column("question"),
+            "reference": rows.column("reference"),
+        },
         schema=INPUT_SCHEMA,
     )
     return ShardTask(index=index, start=start, stop=stop, rows=table)
@@ -67,9 +69,7 @@ def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> d
     return summary
 
 
-def run_job(
-    spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callable[[str], None]
-) -> RunReport:
+def run_job(spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callable[[str], None]) -> RunReport:
     """Score `questions` as `spec` says; with no spec.output, in memory (nothing is written)."""
     started = time.perf_counter()
     job_fingerprint = fingerprint(spec, questions)
@@ -84,8 +84,15 @@ def run_job(
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
     todo = [s for s in plan if s.index not in done]
-    idle = {"workers": 0, "nodes": 0, "worker_deaths": 0, "timings": None, "device": None, "dtype": None,
-            "invariant": None}
+    idle = {
+        "workers": 0,
+        "nodes": 0,
+        "worker_deaths": 0,
+        "timings": None,
+        "device": None,
+        "dtype": None,
+        "invariant": None,
+    }
     figures = score_on_ray(spec, questions, todo, store, options, say, started) if todo else idle
 
     table = store.read(plan)
@@ -99,8 +106,13 @@ def run_job(
 
 
 def score_on_ray(
-    spec: JobSpec, questions: pa.Table, todo: list[Shard], store: PartStore, options: RunOptions,
-    say: Callable[[str], None], started: float,
+    spec: JobSpec,
+    questions: pa.Table,
+    todo: list[Shard],
+    store: PartStore,
+    options: RunOptions,
+    say: Callable[[str], None],
+    started: float,
 ) -> dict:
     """Score the shards in `todo` into `store`.
 
@@ -140,11 +152,18 @@ def score_on_ray(
                 shard = shards[task.index]
                 if sum(p.num_rows for p in pieces[task.index]) == shard.rows * samples:
                     whole = pa.concat_tables(pieces.pop(task.index)).sort_by(
-                        [("row", "ascending"), ("sample", "ascending")])
+                        [("row", "ascending"), ("sample", "ascending")]
+                    )
                     store.write(shard, shard_rows(questions, whole))
 
             tasks = [shard_task(questions, s.index, s.start, s.stop) for s in todo]
             deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
-    return {"workers": pool.workers, "nodes": len({i["node"] for i in infos}), "worker_deaths": deaths,
-            "timings": timings, "device": infos[0]["device"], "dtype": infos[0]["dtype"],
-            "invariant": all(i["invariant"] for i in infos)}
+    return {
+        "workers": pool.workers,
+        "nodes": len({i["node"] for i in infos}),
+        "worker_deaths": deaths,
+        "timings": timings,
+        "device": infos[0]["device"],
+        "dtype": infos[0]["dtype"],
+        "invariant": all(i["invariant"] for i in infos),
+    }

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-
 from bulkscore.jobs.cluster import PoolPlan
 from bulkscore.jobs.errors import JobError
 from bulkscore.workers.actor import ShardScorer
@@ -40,7 +39,9 @@ def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) ->
     # The shards in flight on a worker run at once, so that its engine refills one's free decode
     # slots with the other's rows.
     scorer = ray.remote(ShardScorer).options(
-        num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0,
+        num_cpus=plan.cpus_per_worker,
+        num_gpus=plan.gpus_per_worker,
+        max_restarts=0,
         max_concurrency=IN_FLIGHT_PER_WORKER,
     )
 
@@ -145,8 +146,10 @@ def run_shards(
                 if blamed is None:
                     blamed = piece
                     task = piece.task
-                    say(f"A worker died running rows {task.start}-{task.stop - 1} of shard {task.index}; "
-                        f"starting a replacement ({death_cause(error)})")
+                    say(
+                        f"A worker died running rows {task.start}-{task.stop - 1} of shard {task.index}; "
+                        f"starting a replacement ({death_cause(error)})"
+                    )
                     retry, given_up = after_death(piece, death_cause(error), num_samples)
                     queue.extendleft(reversed(retry))
                     if given_up is not None:

@@ -40,8 +40,10 @@ PEER_BATCH = 32
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
 
 
 def load_hf(model: str, device: str):
@@ -59,9 +61,13 @@ def hf_generate(tokenizer, lm, prompts: list[str], max_new_tokens: int) -> list[
 
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with torch.inference_mode():
-        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        out = lm.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    new = out[:, inputs["input_ids"].shape[1] :].tolist()
     eos = tokenizer.eos_token_id
     return [row.index(eos) + 1 if eos in row else len(row) for row in new]
 
@@ -102,9 +108,13 @@ def run_raydata(args) -> None:
     gpus = 1 if args.device == "cuda" else 0
     dataset = ray.data.read_json(args.input)
     dataset = dataset.map_batches(
-        RayDataGenerator, fn_constructor_args=(args.model, args.device, args.max_new_tokens),
+        RayDataGenerator,
+        fn_constructor_args=(args.model, args.device, args.max_new_tokens),
         # One CPU reserved, so that Ray Data's read and write tasks can still run beside it.
-        batch_size=PEER_BATCH, concurrency=1, num_cpus=1, num_gpus=gpus,
+        batch_size=PEER_BATCH,
+        concurrency=1,
+        num_cpus=1,
+        num_gpus=gpus,
     )
     dataset.write_parquet(args.output)
     ray.shutdown()
@@ -116,12 +126,46 @@ def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
         model = [] if args.model_given is None else ["--model", args.model]
         address = ["--address", args.head["gcs"]] if name == "warm" else []
         # "before": the same command from the baseline checkout, first on the path of driver and workers.
-        program = ([sys.executable, "-c", "from jobs.cli import cli; cli()"] if name == "before"
-                   else [str(Path(sys.executable).parent / "bulkscore")])
-        return ([*program, "run", str(args.input), "-o", str(output), "--max-new-tokens", str(args.max_new_tokens),
-                 "--quiet", *address, *model, *args.bulkscore_args], output)
-    return ([sys.executable, __file__, "--peer", name, "--input", str(args.input), "--output", str(output),
-             "--model", args.model, "--device", args.device, "--max-new-tokens", str(args.max_new_tokens)], output)
+        program = (
+            [sys.executable, "-c", "from jobs.cli import cli; cli()"]
+            if name == "before"
+            else [str(Path(sys.executable).parent / "bulkscore")]
+        )
+        return (
+            [
+                *program,
+                "run",
+                str(args.input),
+                "-o",
+                str(output),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--quiet",
+                *address,
+                *model,
+                *args.bulkscore_args,
+            ],
+            output,
+        )
+    return (
+        [
+            sys.executable,
+            __file__,
+            "--peer",
+            name,
+            "--input",
+            str(args.input),
+            "--output",
+            str(output),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+        ],
+        output,
+    )
 
 
 def generated_tokens(output: Path) -> int:
@@ -153,8 +197,10 @@ def compare(args) -> None:
         if args.head:
             stop_head(args.head)
     reference = results.get("bulkscore", (None, None))[0]
-    print(f"{args.questions} questions x {args.max_new_tokens} new tokens, chat prompts, greedy; "
-          f"{time.strftime('%Y-%m-%d')}, {machine()}")
+    print(
+        f"{args.questions} questions x {args.max_new_tokens} new tokens, chat prompts, greedy; "
+        f"{time.strftime('%Y-%m-%d')}, {machine()}"
+    )
     print("| peer | wall s | rows/s | generated tokens/s | peer time / bulkscore time |")
     print("| --- | --- | --- | --- | --- |")
     for name, (wall, tokens) in results.items():

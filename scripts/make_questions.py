@@ -20,31 +20,54 @@ SEED = 20261127
 # Each unit's size in the category's base unit, as an exact fraction.
 UNITS: dict[str, dict[str, Fraction]] = {
     "length": {
-        "mm": Fraction(1, 1000), "cm": Fraction(1, 100), "m": Fraction(1), "km": Fraction(1000),
-        "inch": Fraction(254, 10000), "foot": Fraction(3048, 10000), "yard": Fraction(9144, 10000),
+        "mm": Fraction(1, 1000),
+        "cm": Fraction(1, 100),
+        "m": Fraction(1),
+        "km": Fraction(1000),
+        "inch": Fraction(254, 10000),
+        "foot": Fraction(3048, 10000),
+        "yard": Fraction(9144, 10000),
         "mile": Fraction(1609344, 1000),
     },
     "mass": {
-        "mg": Fraction(1, 1000), "gram": Fraction(1), "kg": Fraction(1000), "tonne": Fraction(10**6),
-        "pound": Fraction(45359237, 100000), "ounce": Fraction(45359237, 1600000),
+        "mg": Fraction(1, 1000),
+        "gram": Fraction(1),
+        "kg": Fraction(1000),
+        "tonne": Fraction(10**6),
+        "pound": Fraction(45359237, 100000),
+        "ounce": Fraction(45359237, 1600000),
     },
     "volume": {
-        "mL": Fraction(1, 1000), "liter": Fraction(1), "cubic meter": Fraction(1000),
-        "gallon": Fraction(3785411784, 10**9), "quart": Fraction(3785411784, 4 * 10**9),
+        "mL": Fraction(1, 1000),
+        "liter": Fraction(1),
+        "cubic meter": Fraction(1000),
+        "gallon": Fraction(3785411784, 10**9),
+        "quart": Fraction(3785411784, 4 * 10**9),
         "cup": Fraction(3785411784, 16 * 10**9),
     },
     "time": {
-        "second": Fraction(1), "minute": Fraction(60), "hour": Fraction(3600),
-        "day": Fraction(86400), "week": Fraction(604800), "millisecond": Fraction(1, 1000),
+        "second": Fraction(1),
+        "minute": Fraction(60),
+        "hour": Fraction(3600),
+        "day": Fraction(86400),
+        "week": Fraction(604800),
+        "millisecond": Fraction(1, 1000),
     },
     "data": {
-        "bit": Fraction(1, 8), "byte": Fraction(1), "kilobyte": Fraction(1000),
-        "kibibyte": Fraction(1024), "megabyte": Fraction(10**6), "mebibyte": Fraction(1024**2),
+        "bit": Fraction(1, 8),
+        "byte": Fraction(1),
+        "kilobyte": Fraction(1000),
+        "kibibyte": Fraction(1024),
+        "megabyte": Fraction(10**6),
+        "mebibyte": Fraction(1024**2),
         "gigabyte": Fraction(10**9),
     },
     "speed": {
-        "m/s": Fraction(1), "km/h": Fraction(1000, 3600), "mph": Fraction(44704, 100000),
-        "knot": Fraction(1852, 3600), "cm/s": Fraction(1, 100),
+        "m/s": Fraction(1),
+        "km/h": Fraction(1000, 3600),
+        "mph": Fraction(44704, 100000),
+        "knot": Fraction(1852, 3600),
+        "cm/s": Fraction(1, 100),
     },
 }
 
@@ -60,7 +83,12 @@ PHRASINGS = [
 ]
 
 AMOUNTS = [Fraction(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 50, 100, 250)] + [
-    Fraction(1, 2), Fraction(3, 2), Fraction(5, 2), Fraction(3, 4), Fraction(1, 4), Fraction(1, 10)
+    Fraction(1, 2),
+    Fraction(3, 2),
+    Fraction(5, 2),
+    Fraction(3, 4),
+    Fraction(1, 4),
+    Fraction(1, 10),
 ]
 
 

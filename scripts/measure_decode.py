@@ -29,7 +29,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
     from bulkscore.jobs.questions import bundled_questions, read_jsonl
     from bulkscore.jobs.settings import prompt_settings
     from bulkscore.workers.contract import GenerationSettings, ModelSpec
@@ -49,9 +48,15 @@ def main() -> None:
     prefix = shared_start(lm.tokenizer, settings)
 
     def transformers_generate() -> list[tuple[int, ...]]:
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                do_sample=False, eos_token_id=list(lm.eos_token_ids), pad_token_id=lm.pad_token_id)
-        return [trim_completion(row, lm, gen).token_ids for row in out[:, ids.shape[1]:].tolist()]
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(lm.eos_token_ids),
+            pad_token_id=lm.pad_token_id,
+        )
+        return [trim_completion(row, lm, gen).token_ids for row in out[:, ids.shape[1] :].tolist()]
 
     def bulkscore_decode() -> list[tuple[int, ...]]:
         return [g.token_ids for g in generate(lm, [Request(tuple(p)) for p in prompts], gen, prefix)]
@@ -65,13 +70,17 @@ def main() -> None:
                 results[name] = fn()
                 times[name].append(time.perf_counter() - started)
     tokens = [len(t) for t in results["bulkscore engine"]]
-    print(f"{args.rows} {args.format} prompts x up to {args.max_new_tokens} new tokens: {sum(tokens)} tokens, "
-          f"{sum(n < args.max_new_tokens for n in tokens)} rows ended early")
+    print(
+        f"{args.rows} {args.format} prompts x up to {args.max_new_tokens} new tokens: {sum(tokens)} tokens, "
+        f"{sum(n < args.max_new_tokens for n in tokens)} rows ended early"
+    )
     for name, seconds in times.items():
         print(f"  {name}: {' '.join(f'{s:.1f}' for s in seconds)} s (best {min(seconds):.1f})")
     same = sum(a == b for a, b in zip(results["transformers generate"], results["bulkscore engine"]))
-    print(f"  speed-up {min(times['transformers generate']) / min(times['bulkscore engine']):.2f}x; "
-          f"same completions: {same} of {args.rows}")
+    print(
+        f"  speed-up {min(times['transformers generate']) / min(times['bulkscore engine']):.2f}x; "
+        f"same completions: {same} of {args.rows}"
+    )
     print(json.dumps({k: min(v) for k, v in times.items()}))
 
 

@@ -23,9 +23,19 @@ from tests.helpers import kill_job  # noqa: E402
 
 
 def bulkscore(output: Path, args: argparse.Namespace) -> list[str]:
-    return [str(Path(sys.executable).parent / "bulkscore"), "run", "--quiet", "-o", str(output),
-            "--limit", str(args.limit), "--shard-size", str(args.shard_size),
-            "--max-new-tokens", str(args.max_new_tokens)]
+    return [
+        str(Path(sys.executable).parent / "bulkscore"),
+        "run",
+        "--quiet",
+        "-o",
+        str(output),
+        "--limit",
+        str(args.limit),
+        "--shard-size",
+        str(args.shard_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ]
 
 
 def main() -> None:
@@ -46,8 +56,9 @@ def main() -> None:
     resumed = folder / "resumed.parquet"
     parts = folder / "resumed.parquet.parts"
     started = time.perf_counter()
-    job = subprocess.Popen(bulkscore(resumed, args), env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        bulkscore(resumed, args), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while len(list(parts.glob("part-*.parquet"))) < args.kill_after:
         time.sleep(0.05)
     kill_job(job)
@@ -64,8 +75,10 @@ def main() -> None:
     print(f"uninterrupted run         {t_clean:7.1f} s")
     print(f"killed run (until kill)   {t_killed:7.1f} s")
     print(f"resumed run               {t_resume:7.1f} s")
-    print(f"extra time of the resume  {t_killed + t_resume - t_clean:7.1f} s "
-          f"({100 * (t_killed + t_resume - t_clean) / t_clean:.0f}% of the uninterrupted run)")
+    print(
+        f"extra time of the resume  {t_killed + t_resume - t_clean:7.1f} s "
+        f"({100 * (t_killed + t_resume - t_clean) / t_clean:.0f}% of the uninterrupted run)"
+    )
     print(f"same rows and completions {same}")
 
 

@@ -43,14 +43,23 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bulkscore-submit-"))
-    run_args = ["--limit", str(args.limit), "--shard-size", str(args.shard_size),
-                "--max-new-tokens", str(args.max_new_tokens), "--keep-parts", "--quiet"]
+    run_args = [
+        "--limit",
+        str(args.limit),
+        "--shard-size",
+        str(args.shard_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--keep-parts",
+        "--quiet",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 
     local = folder / "local.parquet"
-    local_first, local_total = timed([str(BIN / "bulkscore"), "run", "-o", str(local), *run_args],
-                                     folder / "local.parquet.parts", env)
+    local_first, local_total = timed(
+        [str(BIN / "bulkscore"), "run", "-o", str(local), *run_args], folder / "local.parquet.parts", env
+    )
     head = start_head()
     try:
         submitted = folder / "submitted.parquet"

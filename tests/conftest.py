@@ -37,9 +37,17 @@ def tiny_model(tmp_path_factory, embedded_folder) -> Path:
         if (embedded_folder / name).exists():
             shutil.copy(embedded_folder / name, folder / name)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
         # Wide weights give peaked logits, so greedy choices are never near-ties.
         initializer_range=0.3,
     )
@@ -52,7 +60,6 @@ def tiny_model(tmp_path_factory, embedded_folder) -> Path:
 def ray_instance():
     """One private Ray instance for the tests that run jobs in-process (the CLI reuses it)."""
     import ray
-
     from bulkscore.workers.faults import CRASH_ON_QUESTION
 
     # Ray's processes inherit this: a worker given a question holding it dies by SIGKILL.

@@ -85,14 +85,31 @@ def start_head() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
     env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{bin_dir}:{env.get('PATH', '')}"}
     subprocess.run(
-        [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={free_port()}",
-         "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
-    return {"jobs": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}",
-            "client": f"ray://127.0.0.1:{client}", "temp_dir": temp_dir}
+    return {
+        "jobs": f"http://127.0.0.1:{dashboard}",
+        "gcs": f"127.0.0.1:{gcs}",
+        "client": f"ray://127.0.0.1:{client}",
+        "temp_dir": temp_dir,
+    }
 
 
 def stop_head(head: dict) -> None:
@@ -109,8 +126,15 @@ def stop_head(head: dict) -> None:
 
 CHROMIUM = "chromium"  # Debian's package; `make test` installs it
 BROWSER_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--disable-quic", "--no-first-run", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    "--hide-scrollbars",
     "--host-resolver-rules=MAP * ~NOTFOUND",  # a page that tried the network would find nothing
 )
 
@@ -122,9 +146,17 @@ def browser(page: Path, *args: str, width: int = 1280, height: int = 2400) -> su
         raise RuntimeError("these tests need Debian's chromium: apt-get install chromium (make test does)")
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         done = subprocess.run(
-            [CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", *args,
-             page.resolve().as_uri()],
-            capture_output=True, text=True, timeout=180,
+            [
+                CHROMIUM,
+                *BROWSER_FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                *args,
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
     assert done.returncode == 0, done.stderr[-2000:]
     return done

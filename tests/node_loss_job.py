@@ -17,13 +17,10 @@ from pathlib import Path
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from bulkscore.jobs.questions import load_questions  # noqa: E402
 from bulkscore.jobs.run import RunOptions, run_job  # noqa: E402
 from bulkscore.jobs.settings import JobSpec  # noqa: E402
 from bulkscore.jobs.storage import locate  # noqa: E402
-from tests.helpers import QUESTIONS, descendants, write_jsonl  # noqa: E402
 from bulkscore.workers.contract import (  # noqa: E402
     GenerationSettings,
     GradingSettings,
@@ -31,6 +28,9 @@ from bulkscore.workers.contract import (  # noqa: E402
     PromptSettings,
     ScoringSettings,
 )
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from tests.helpers import QUESTIONS, descendants, write_jsonl  # noqa: E402
 
 
 def runs_a_scorer(node) -> bool:
@@ -50,12 +50,25 @@ def main() -> None:
 
     rows = [{"id": i, "question": f"{q['question']} ({i})", "answer": q["answer"]} for i, q in enumerate(QUESTIONS * 6)]
     questions = load_questions([write_jsonl(output.with_suffix(".jsonl"), rows)])
-    spec = JobSpec(("q",), locate(str(output)), ModelSpec(model, "folder", dtype="float32", device="cpu"),
-                   ScoringSettings(PromptSettings(), GenerationSettings(max_new_tokens=16), GradingSettings()),
-                   shard_size=4, limit=None)
+    spec = JobSpec(
+        ("q",),
+        locate(str(output)),
+        ModelSpec(model, "folder", dtype="float32", device="cpu"),
+        ScoringSettings(PromptSettings(), GenerationSettings(max_new_tokens=16), GradingSettings()),
+        shard_size=4,
+        limit=None,
+    )
     reports: list = []
-    job = threading.Thread(target=lambda: reports.append(run_job(spec, questions, RunOptions(
-        workers=2, cpus_per_worker=1, keep_parts=True, quiet=True), lambda text: None)))
+    job = threading.Thread(
+        target=lambda: reports.append(
+            run_job(
+                spec,
+                questions,
+                RunOptions(workers=2, cpus_per_worker=1, keep_parts=True, quiet=True),
+                lambda text: None,
+            )
+        )
+    )
     job.start()
 
     parts = output.with_name(output.name + ".parts")

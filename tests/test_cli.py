@@ -8,23 +8,58 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
 
-from bulkscore.jobs.cli import cli
 from tests.helpers import QUESTIONS, write_jsonl
 
-OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.int64()), ("sample", pa.int32()), ("question", pa.string()), ("reference", pa.string()),
-    ("completion", pa.string()), ("answer_text", pa.string()), ("answer", pa.float64()),
-    ("is_correct", pa.bool_()), ("loss", pa.float64()), ("completion_loss", pa.float64()),
-    ("reference_loss", pa.float64()), ("num_prompt_tokens", pa.int32()),
-    ("num_completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
-])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("sample", pa.int32()),
+        ("question", pa.string()),
+        ("reference", pa.string()),
+        ("completion", pa.string()),
+        ("answer_text", pa.string()),
+        ("answer", pa.float64()),
+        ("is_correct", pa.bool_()),
+        ("loss", pa.float64()),
+        ("completion_loss", pa.float64()),
+        ("reference_loss", pa.float64()),
+        ("num_prompt_tokens", pa.int32()),
+        ("num_completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 SUMMARY_KEYS = {
-    "rows", "samples", "errors", "error_kinds", "worker_deaths", "nodes", "answered", "correct", "accuracy", "answer_rate", "mean_loss",
-    "mean_completion_loss", "mean_reference_loss", "prompt_tokens", "completion_tokens", "elapsed_s",
-    "rows_per_s", "tokens_per_s", "model", "adapter", "workers", "fingerprint", "versions", "timings",
-    "device", "dtype", "invariant",
+    "rows",
+    "samples",
+    "errors",
+    "error_kinds",
+    "worker_deaths",
+    "nodes",
+    "answered",
+    "correct",
+    "accuracy",
+    "answer_rate",
+    "mean_loss",
+    "mean_completion_loss",
+    "mean_reference_loss",
+    "prompt_tokens",
+    "completion_tokens",
+    "elapsed_s",
+    "rows_per_s",
+    "tokens_per_s",
+    "model",
+    "adapter",
+    "workers",
+    "fingerprint",
+    "versions",
+    "timings",
+    "device",
+    "dtype",
+    "invariant",
 }
 
 
@@ -90,8 +125,22 @@ def test_results_do_not_depend_on_shard_size_batch_size_or_workers(tiny_model, q
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
     first = run_tiny(tiny_model, questions, a, "--dtype", dtype, "--shard-size", "3", "--batch-size", "1", *decoding)
     assert first.exit_code == 0, first.output
-    result = run_tiny(tiny_model, questions, b, "--dtype", dtype, "--shard-size", "5", "--batch-size", "8",
-                      "--workers", "2", "--cpus-per-worker", "1", *decoding)
+    result = run_tiny(
+        tiny_model,
+        questions,
+        b,
+        "--dtype",
+        dtype,
+        "--shard-size",
+        "5",
+        "--batch-size",
+        "8",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        *decoding,
+    )
     assert result.exit_code == 0, result.output
     ta, tb = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()
     assert None not in ta["loss"] and len(set(ta["completion"])) > 1
@@ -108,21 +157,28 @@ def test_rerun_resumes_and_a_different_job_is_refused(tiny_model, questions, tmp
     parts = tmp_path / "answers.parquet.parts"
     assert run_tiny(tiny_model, questions, output, "--shard-size", "3", "--keep-parts").exit_code == 0
     assert sorted(p.name for p in parts.iterdir()) == [
-        "manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+        "manifest.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     first = pq.read_table(output).to_pydict()
     mtime = output.stat().st_mtime_ns
 
     again = run_tiny(tiny_model, questions, output, "--shard-size", "3", "--keep-parts")
     assert again.exit_code == 0
-    assert again.stdout.splitlines()[0] == f"{output} already holds this job's results (use --overwrite to score again)."
+    assert (
+        again.stdout.splitlines()[0] == f"{output} already holds this job's results (use --overwrite to score again)."
+    )
     assert output.stat().st_mtime_ns == mtime
 
     # A job killed before merging: two shards finished, one not. The rerun scores only that one.
     output.unlink()
     (parts / "part-00001.parquet").unlink()
     kept = (parts / "part-00000.parquet").stat().st_mtime_ns
-    resumed = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "8",
-                     "--shard-size", "3", "--keep-parts")
+    resumed = invoke(
+        questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "8", "--shard-size", "3", "--keep-parts"
+    )
     assert resumed.exit_code == 0, resumed.output
     assert f"Resuming: 2 of 3 shards already done in {parts}" in resumed.stderr
     assert (parts / "part-00000.parquet").stat().st_mtime_ns == kept  # not recomputed, not rewritten

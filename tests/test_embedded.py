@@ -17,12 +17,25 @@ pytestmark = pytest.mark.embedded
 def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     output = tmp_path / "answers.parquet"
-    command = [str(Path(sys.executable).parent / "bulkscore"), "run", "--limit", "6", "--max-new-tokens", "24",
-               "--shard-size", "4", "-o", str(output)]
+    command = [
+        str(Path(sys.executable).parent / "bulkscore"),
+        "run",
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "24",
+        "--shard-size",
+        "4",
+        "-o",
+        str(output),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Read 6 questions" in done.stderr
-    assert "Starting 1 worker(s) with SmolLM2-135M-Instruct for 2 shard(s) on a private local Ray instance..." in done.stderr
+    assert (
+        "Starting 1 worker(s) with SmolLM2-135M-Instruct for 2 shard(s) on a private local Ray instance..."
+        in done.stderr
+    )
     assert "6/6" in done.stderr  # the progress bar reached the end
     assert done.stdout.splitlines()[0] == "rows       6 (6 samples, 0 errors)"
 
@@ -36,8 +49,13 @@ def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
     assert summary["rows"] == 6 and summary["errors"] == 0
     # The bundled set's category passes through, and the report breaks accuracy down by it.
     assert table["category"] == ["time", "mass", "data", "speed", "speed", "volume"]
-    done = subprocess.run([str(Path(sys.executable).parent / "bulkscore"), "report", str(output)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "bulkscore"), "report", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith("1 run(s), by category)")
     page = output.with_suffix(".html").read_text()
@@ -47,7 +65,6 @@ def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
 def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):
     """The bundled cot instruction and examples get <answer> tags from SmolLM2-135M; plain chat does not."""
     import pyarrow as pa
-
     from bulkscore.jobs.questions import bundled_questions, load_questions
     from bulkscore.jobs.settings import prompt_settings
     from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, ScoringSettings, ShardTask
@@ -56,11 +73,13 @@ def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):
 
     lm = load_model(ModelSpec("", "embedded", dtype="float32", device="cpu"))
     questions = load_questions([bundled_questions()], limit=16)
-    rows = pa.table({"row": range(16), "question": questions.column("question"),
-                     "reference": questions.column("reference")})
+    rows = pa.table(
+        {"row": range(16), "question": questions.column("question"), "reference": questions.column("reference")}
+    )
     rates = {}
     for prompt_format in ("chat", "cot"):
-        settings = ScoringSettings(prompt_settings(prompt_format, None, None), GenerationSettings(), GradingSettings())
+        tags_only = GradingSettings(answer_regex=r"<answer>(.*?)</answer>")  # not the default's last-number fallback
+        settings = ScoringSettings(prompt_settings(prompt_format, None, None), GenerationSettings(), tags_only)
         answers = score_shard(lm, ShardTask(0, 0, 16, rows), settings).column("answer_text").to_pylist()
         rates[prompt_format] = sum(a is not None for a in answers) / 16
     assert rates["cot"] >= 0.5 and rates["cot"] > rates["chat"], rates
@@ -72,7 +91,6 @@ BF16_LOSS_BOUND = 0.025  # relative to float32; measured 1.0% at worst over the 
 def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
     """What `--dtype auto` picks on CPUs with AVX512-BF16 or AMX (and on GPUs) keeps the grader's loss."""
     import torch
-
     from bulkscore.jobs.questions import bundled_questions, read_jsonl
     from bulkscore.workers.contract import ModelSpec
     from bulkscore.workers.losses import span_nll
@@ -96,14 +114,15 @@ def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
 def test_the_embedded_model_gives_the_same_bits_whatever_the_batch_shard_or_workers(tmp_path, dtype, embedded_folder):
     """The issue's own check: SmolLM2-135M, rows one at a time in shards of 3 on one worker with two
     threads, against eight at a time in shards of 5 on two workers with one thread each."""
-    from click.testing import CliRunner
-
     from bulkscore.jobs.cli import cli
+    from click.testing import CliRunner
 
     common = ["run", "--limit", "6", "--max-new-tokens", "8", "--dtype", dtype, "--quiet"]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    for output, layout in ((a, ["--batch-size", "1", "--shard-size", "3"]),
-                           (b, ["--batch-size", "8", "--shard-size", "5", "--workers", "2", "--cpus-per-worker", "1"])):
+    for output, layout in (
+        (a, ["--batch-size", "1", "--shard-size", "3"]),
+        (b, ["--batch-size", "8", "--shard-size", "5", "--workers", "2", "--cpus-per-worker", "1"]),
+    ):
         result = CliRunner().invoke(cli, [*common, *layout, "-o", str(output)])
         assert result.exit_code == 0, result.output
     ta, tb = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()

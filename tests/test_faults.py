@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
 
-from bulkscore.jobs.cli import cli
 from tests.conftest import CRASH_NEEDLE
 from tests.helpers import QUESTIONS, kill_job, write_jsonl
 
 RESULTS = ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss")
-MANY = [{"id": i, "question": f"{q['question']} (variant {i})", "answer": q["answer"]}
-        for i, q in enumerate(QUESTIONS * 5)]
+MANY = [
+    {"id": i, "question": f"{q['question']} (variant {i})", "answer": q["answer"]} for i, q in enumerate(QUESTIONS * 5)
+]
 
 
 def invoke(*args):
@@ -57,8 +58,9 @@ def test_a_killed_worker_costs_no_row(tiny_model, tmp_path):
 
     killer = threading.Thread(target=kill_a_worker_once_a_shard_is_done)
     killer.start()
-    result = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "16",
-                    "--shard-size", "2", "--keep-parts")
+    result = invoke(
+        questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "16", "--shard-size", "2", "--keep-parts"
+    )
     killer.join()
     assert result.exit_code == 0, result.output
     assert killed
@@ -76,8 +78,7 @@ def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
     rows[3]["question"] = f"{CRASH_NEEDLE}: how many gram per 6 kg?"
     questions = write_jsonl(tmp_path / "q.jsonl", rows)
     output = tmp_path / "answers.parquet"
-    result = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "6",
-                    "--shard-size", "2")
+    result = invoke(questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "6", "--shard-size", "2")
     assert result.exit_code == 0, result.output
     table = pq.read_table(output).to_pydict()
     assert table["id"] == [q["id"] for q in rows]
@@ -111,8 +112,20 @@ def test_a_job_killed_as_a_whole_resumes_without_redoing_finished_shards(tiny_mo
     questions = write_jsonl(tmp_path / "q.jsonl", MANY)
     output = tmp_path / "answers.parquet"
     parts = tmp_path / "answers.parquet.parts"
-    command = [str(Path(sys.executable).parent / "bulkscore"), "run", str(questions), "--model", str(tiny_model),
-               "-o", str(output), "--max-new-tokens", "16", "--shard-size", "4", "--keep-parts"]
+    command = [
+        str(Path(sys.executable).parent / "bulkscore"),
+        "run",
+        str(questions),
+        "--model",
+        str(tiny_model),
+        "-o",
+        str(output),
+        "--max-new-tokens",
+        "16",
+        "--shard-size",
+        "4",
+        "--keep-parts",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BULKSCORE_CRASH_ON_QUESTION")}
     env |= {"HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}
 
@@ -147,7 +160,13 @@ def test_a_job_killed_as_a_whole_resumes_without_redoing_finished_shards(tiny_mo
         assert table[column] == expected[column], column
 
     # No secret from the environment reaches the output, the summary, the checkpoints or the logs.
-    written = [output.read_bytes(), output.with_suffix(".summary.json").read_bytes(),
-               (parts / "manifest.json").read_bytes(), first_out, first_err,
-               resumed.stdout.encode(), resumed.stderr.encode()]
+    written = [
+        output.read_bytes(),
+        output.with_suffix(".summary.json").read_bytes(),
+        (parts / "manifest.json").read_bytes(),
+        first_out,
+        first_err,
+        resumed.stdout.encode(),
+        resumed.stderr.encode(),
+    ]
     assert not any(SECRET.encode() in blob for blob in written)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
 
-from bulkscore.jobs.cli import cli
 from tests.helpers import QUESTIONS, write_jsonl
 
 
@@ -23,8 +23,11 @@ def s3_endpoint():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -40,11 +43,13 @@ def s3_endpoint():
 
 @pytest.fixture
 def bucket(s3_endpoint, monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(name, value)
-    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", region="us-east-1",
-                           allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
     fs.create_dir("bench")
     yield fs
     fs.delete_dir_contents("bench", missing_dir_ok=True)
@@ -59,7 +64,18 @@ def test_output_on_s3_is_written_and_resumed(bucket, s3_endpoint, tiny_model, tm
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     query = f"?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
     output = f"s3://bench/run/answers.parquet{query}"
-    args = [questions, "--model", tiny_model, "-o", output, "--max-new-tokens", "6", "--shard-size", "3", "--keep-parts"]
+    args = [
+        questions,
+        "--model",
+        tiny_model,
+        "-o",
+        output,
+        "--max-new-tokens",
+        "6",
+        "--shard-size",
+        "3",
+        "--keep-parts",
+    ]
 
     first = invoke(*args)
     assert first.exit_code == 0, first.output
@@ -83,7 +99,9 @@ def test_output_on_s3_is_written_and_resumed(bucket, s3_endpoint, tiny_model, tm
     assert pq.read_table("bench/run/answers.parquet", filesystem=bucket).to_pydict() == table.to_pydict()
 
     again = invoke(*args)
-    assert again.stdout.splitlines()[0] == f"{output} already holds this job's results (use --overwrite to score again)."
+    assert (
+        again.stdout.splitlines()[0] == f"{output} already holds this job's results (use --overwrite to score again)."
+    )
     other = invoke(*args[:-1], "--max-new-tokens", "7")
     assert other.exit_code == 1 and "holds the results of a different job" in other.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,9 @@ def python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_outside_the_repository_only_bulkscore_imports(tmp_path):
-    done = python("import bulkscore, bulkscore.jobs.cli, bulkscore.workers.contract; print(bulkscore.run.__name__)",
-                  tmp_path)
+    done = python(
+        "import bulkscore, bulkscore.jobs.cli, bulkscore.workers.contract; print(bulkscore.run.__name__)", tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "run"
     for name in ("jobs", "workers"):
@@ -35,8 +37,25 @@ def test_a_folder_of_the_users_own_jobs_and_workers_changes_nothing(tmp_path):
 
 
 def test_the_wheel_installs_one_top_level_name(tmp_path):
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path), str(REPOSITORY)], capture_output=True, text=True, timeout=300)
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the repository
+    shutil.copytree(REPOSITORY, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("bulkscore-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

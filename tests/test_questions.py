@@ -6,12 +6,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.questions import Columns, bundled_questions, load_questions
 from bulkscore.jobs.settings import JobSpec, fingerprint
 from bulkscore.jobs.storage import locate
 from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
+
 from tests.helpers import QUESTIONS, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +26,15 @@ def four_formats(tmp_path: Path) -> dict[str, Path]:
     homework.write_text(json.dumps([p + ["some reasoning"] if i % 2 else p for i, p in enumerate(pairs)]))
     parquet = tmp_path / "q.parquet"
     # Parquet columns are typed: the mixed answer column is stored as the text JSON gives.
-    pq.write_table(pa.table({"question": [q["question"] for q in QUESTIONS],
-                             "answer": [json.dumps(q["answer"]).strip('"') for q in QUESTIONS]}), parquet)
+    pq.write_table(
+        pa.table(
+            {
+                "question": [q["question"] for q in QUESTIONS],
+                "answer": [json.dumps(q["answer"]).strip('"') for q in QUESTIONS],
+            }
+        ),
+        parquet,
+    )
     return {"jsonl": jsonl, "json": objects, "pairs": homework, "parquet": parquet}
 
 
@@ -46,8 +53,14 @@ def test_four_formats_give_identical_rows(tmp_path):
         assert table.to_pydict() == expected, name
         assert table.schema == pa.schema([("id", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
     # The same rows make the same job, whatever file they came from: resume and --overwrite agree.
-    spec = JobSpec(("x",), locate("a.parquet"), ModelSpec("", "embedded"),
-                   ScoringSettings(PromptSettings(), GenerationSettings(), GradingSettings()), 64, None)
+    spec = JobSpec(
+        ("x",),
+        locate("a.parquet"),
+        ModelSpec("", "embedded"),
+        ScoringSettings(PromptSettings(), GenerationSettings(), GradingSettings()),
+        64,
+        None,
+    )
     assert len({fingerprint(spec, table) for table in tables.values()}) == 1
     assert fingerprint(spec, reasoning) != fingerprint(spec, tables["pairs"])  # more content, another job
 
@@ -113,8 +126,9 @@ def test_missing_file_and_unknown_column(tmp_path):
 
 
 def test_bundled_set_is_what_the_script_makes(tmp_path):
-    subprocess.run([sys.executable, ROOT / "scripts" / "make_questions.py", tmp_path / "q.jsonl"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, ROOT / "scripts" / "make_questions.py", tmp_path / "q.jsonl"], check=True, capture_output=True
+    )
     assert (tmp_path / "q.jsonl").read_bytes() == bundled_questions().read_bytes()
     table = load_questions([bundled_questions()])
     rows = [json.loads(line) for line in bundled_questions().read_text().splitlines()]
@@ -124,8 +138,10 @@ def test_bundled_set_is_what_the_script_makes(tmp_path):
 
 
 def test_null_or_empty_questions_are_rows_not_file_errors(tmp_path):
-    path = write_jsonl(tmp_path / "q.jsonl", [{"question": None, "answer": 1}, {"question": "", "answer": 2},
-                                              {"question": "ok?", "answer": 3}])
+    path = write_jsonl(
+        tmp_path / "q.jsonl",
+        [{"question": None, "answer": 1}, {"question": "", "answer": 2}, {"question": "ok?", "answer": 3}],
+    )
     assert load_questions([path]).column("question").to_pylist() == [None, "", "ok?"]
 
 
@@ -138,5 +154,7 @@ def test_other_columns_stack_row_for_row_across_inputs(tmp_path):
     assert table.column("category").to_pylist() == [None, None, "mass"]
     assert table.column("level").type == pa.int64() and table.column("level").to_pylist() == [None, None, 2]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "a?", "level": 1}, {"question": "b?", "level": "two"}])
-    with pytest.raises(InputError, match=r"mixed.jsonl: column 'level' mixes types \(e.g. numbers and text\); make it one type"):
+    with pytest.raises(
+        InputError, match=r"mixed.jsonl: column 'level' mixes types \(e.g. numbers and text\); make it one type"
+    ):
         load_questions([mixed])

@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bulkscore.jobs.cli import cli
+from bulkscore.jobs.report import COLOURS
 from click.testing import CliRunner
 from PIL import Image
 
-from bulkscore.jobs.cli import cli
-from bulkscore.jobs.report import COLOURS
 from tests.helpers import QUESTIONS, browser, write_jsonl
 from tests.test_cli import OUTPUT_SCHEMA
 
@@ -23,8 +23,21 @@ HOSTILE = "<script>alert('x')</script><img src=x onerror=alert(1)> & \"quotes\""
 
 
 def run_job(tiny_model, questions: Path, output: Path, *extra: str) -> pa.Table:
-    result = CliRunner().invoke(cli, ["run", str(questions), "--model", str(tiny_model), "-o", str(output),
-                                      "--max-new-tokens", "8", "--quiet", *extra])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(questions),
+            "--model",
+            str(tiny_model),
+            "-o",
+            str(output),
+            "--max-new-tokens",
+            "8",
+            "--quiet",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return pq.read_table(output)
 
@@ -123,21 +136,33 @@ def expected_figures(table: pa.Table) -> dict[str, str]:
 
 def test_input_columns_pass_through_run_with_their_types(tiny_model, tmp_path, ray_instance):
     """Other columns follow the contract's, typed as in the input; a clashing name gets `input_`."""
-    extra = pa.table({
-        "category": [f"c{i % 3}" for i in range(len(QUESTIONS))],
-        "level": pa.array(range(len(QUESTIONS)), pa.int16()),
-        "weight": [0.5 * i for i in range(len(QUESTIONS))],
-        "tags": [["a", "b"][: i % 3] for i in range(len(QUESTIONS))],
-        "completion": [f"given {i}" for i in range(len(QUESTIONS))],
-    })
-    source = pa.table({"id": [q["id"] for q in QUESTIONS], "question": [q["question"] for q in QUESTIONS],
-                       "answer": [str(q["answer"]) for q in QUESTIONS]})
+    extra = pa.table(
+        {
+            "category": [f"c{i % 3}" for i in range(len(QUESTIONS))],
+            "level": pa.array(range(len(QUESTIONS)), pa.int16()),
+            "weight": [0.5 * i for i in range(len(QUESTIONS))],
+            "tags": [["a", "b"][: i % 3] for i in range(len(QUESTIONS))],
+            "completion": [f"given {i}" for i in range(len(QUESTIONS))],
+        }
+    )
+    source = pa.table(
+        {
+            "id": [q["id"] for q in QUESTIONS],
+            "question": [q["question"] for q in QUESTIONS],
+            "answer": [str(q["answer"]) for q in QUESTIONS],
+        }
+    )
     for name in extra.column_names:
         source = source.append_column(name, extra.column(name))
     pq.write_table(source, tmp_path / "questions.parquet")
     table = run_job(tiny_model, tmp_path / "questions.parquet", tmp_path / "out.parquet", "--shard-size", "3")
-    passed = [("category", pa.string()), ("level", pa.int16()), ("weight", pa.float64()),
-              ("tags", pa.list_(pa.string())), ("input_completion", pa.string())]
+    passed = [
+        ("category", pa.string()),
+        ("level", pa.int16()),
+        ("weight", pa.float64()),
+        ("tags", pa.list_(pa.string())),
+        ("input_completion", pa.string()),
+    ]
     assert table.schema.remove_metadata() == pa.schema(list(OUTPUT_SCHEMA) + passed)
     for name, column in zip(["category", "level", "weight", "tags", "input_completion"], extra.columns):
         assert table.column(name).to_pylist() == column.to_pylist()
@@ -150,7 +175,8 @@ def test_bundled_set_has_a_category_column():
     table = load_questions([bundled_questions()])
     assert table.column_names == ["id", "question", "reference", "category"]
     assert Counter(table.column("category").to_pylist()) == {
-        c: 50 for c in ("length", "mass", "volume", "time", "data", "speed")}
+        c: 50 for c in ("length", "mass", "volume", "time", "data", "speed")
+    }
 
 
 def test_numbers_on_the_page_equal_the_parquet_files(runs, tmp_path):

@@ -9,10 +9,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-
-from tests.helpers import QUESTIONS
 from bulkscore.workers.contract import (
     INPUT_SCHEMA,
     GenerationSettings,
@@ -26,6 +22,10 @@ from bulkscore.workers.generation import Engine, gumbel_noise
 from bulkscore.workers.models import load_model
 from bulkscore.workers.scoring import score_shard
 from bulkscore.workers.tiles import CHUNK
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from tests.helpers import QUESTIONS
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,20 @@ def any_lm(request, tiny_model):
 
 def task(questions: list[dict], start: int = 0) -> ShardTask:
     rows = pa.table(
-        {"row": list(range(start, start + len(questions))),
-         "question": [q["question"] for q in questions],
-         "reference": [None if q.get("answer") is None else str(q["answer"]) for q in questions]},
+        {
+            "row": list(range(start, start + len(questions))),
+            "question": [q["question"] for q in questions],
+            "reference": [None if q.get("answer") is None else str(q["answer"]) for q in questions],
+        },
         schema=INPUT_SCHEMA,
     )
     return ShardTask(0, start, start + len(questions), rows)
 
 
 def settings(**generation) -> ScoringSettings:
-    return ScoringSettings(PromptSettings("chat"), GenerationSettings(**({"max_new_tokens": 12} | generation)),
-                           GradingSettings())
+    return ScoringSettings(
+        PromptSettings("chat"), GenerationSettings(**({"max_new_tokens": 12} | generation)), GradingSettings()
+    )
 
 
 def mean_nll(model, ids: list[int], first: int) -> float:
@@ -67,8 +70,9 @@ def test_three_losses_equal_an_independent_computation(lm):
     tok, model = lm.tokenizer, lm.model
     for q, row in zip(QUESTIONS, result):
         assert row["error"] is None
-        prompt = tok.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=False,
-                                         add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": q["question"]}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         assert row["num_prompt_tokens"] == len(prompt_ids)
         # loss: the homework grader's, HF's own shifted loss over question + completion.
@@ -78,8 +82,9 @@ def test_three_losses_equal_an_independent_computation(lm):
         assert row["loss"] == pytest.approx(expected_loss, abs=1e-4)
         # completion_loss: generate this row alone, score its tokens given the prompt.
         with torch.inference_mode():
-            alone = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
-                                   pad_token_id=2, eos_token_id=2)[0, len(prompt_ids):].tolist()
+            alone = model.generate(
+                input_ids=torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=2
+            )[0, len(prompt_ids) :].tolist()
         kept = alone[: row["num_completion_tokens"]]
         assert tok.decode(kept, skip_special_tokens=True) == row["completion"]
         assert row["completion_loss"] == pytest.approx(mean_nll(model, prompt_ids + kept, len(prompt_ids)), abs=1e-4)
@@ -108,15 +113,20 @@ def chat_requests(lm, questions=QUESTIONS, reference=" 42"):
 
     chat = PromptSettings("chat")
     tail = tuple(lm.tokenizer(reference, add_special_tokens=False)["input_ids"])
-    return [Request(tuple(encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat)),
-                    continuation=tail) for q in questions]
+    return [
+        Request(
+            tuple(encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat)), continuation=tail
+        )
+        for q in questions
+    ]
 
 
 def model_calls(lm):
     """Records the [rows, tokens] shape of each forward pass of lm.model."""
     shapes = []
     hook = lm.model.register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     return shapes, hook
 
 
@@ -187,9 +197,30 @@ def test_a_finished_row_frees_its_slot_for_a_waiting_row(lm, monkeypatch):
 
 
 # Kernels that add many numbers: their order of additions may follow the shapes they are given.
-REDUCING_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "softmax", "_softmax", "log_softmax",
-                "_log_softmax", "cross_entropy", "sum", "mean", "amax", "max", "argmax", "cumsum", "sort", "topk",
-                "var_mean", "norm", "logsumexp"}
+REDUCING_OPS = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "matmul",
+    "linear",
+    "softmax",
+    "_softmax",
+    "log_softmax",
+    "_log_softmax",
+    "cross_entropy",
+    "sum",
+    "mean",
+    "amax",
+    "max",
+    "argmax",
+    "cumsum",
+    "sort",
+    "topk",
+    "var_mean",
+    "norm",
+    "logsumexp",
+}
 
 
 class ReducingOps(TorchDispatchMode):
@@ -257,20 +288,29 @@ def test_stop_string_cuts_the_completion(lm):
 
 
 def test_bad_rows_become_errors_and_the_rest_are_scored(lm):
-    questions = [QUESTIONS[0], {"question": "", "answer": 1}, {"question": "word " * 600, "answer": 2}, QUESTIONS[1],
-                 {"question": None, "answer": 3}]
+    questions = [
+        QUESTIONS[0],
+        {"question": "", "answer": 1},
+        {"question": "word " * 600, "answer": 2},
+        QUESTIONS[1],
+        {"question": None, "answer": 3},
+    ]
     rows = score_shard(lm, task(questions, start=40), settings()).to_pylist()
     assert [r["row"] for r in rows] == [40, 41, 42, 43, 44]
     assert [r["finish_reason"] for r in rows] == ["length", "error", "error", "length", "error"]
     assert rows[1]["error"] == rows[4]["error"] == "empty question"
-    assert rows[2]["error"].startswith("prompt too long: ") and "exceeds the model's context of 512 tokens" in rows[2]["error"]
+    assert (
+        rows[2]["error"].startswith("prompt too long: ")
+        and "exceeds the model's context of 512 tokens" in rows[2]["error"]
+    )
     assert rows[1]["completion"] is None and rows[1]["loss"] is None and rows[1]["is_correct"] is None
     assert rows[0]["error"] is None and rows[3]["error"] is None and rows[3]["loss"] is not None
 
 
 def test_samples_expand_each_row(lm):
-    s = dataclasses.replace(settings(), generation=GenerationSettings(max_new_tokens=6, temperature=1.0,
-                                                                       num_samples=3, seed=7))
+    s = dataclasses.replace(
+        settings(), generation=GenerationSettings(max_new_tokens=6, temperature=1.0, num_samples=3, seed=7)
+    )
     rows = score_shard(lm, task(QUESTIONS[:2]), s).to_pylist()
     assert [(r["row"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert len({r["completion"] for r in rows}) > 1
@@ -313,7 +353,9 @@ def test_gumbel_max_draws_from_the_softmax():
 
 
 def test_raw_prompt_is_the_question_with_the_tokenizers_own_special_tokens(lm):
-    row = score_shard(lm, task(QUESTIONS[:1]), dataclasses.replace(settings(), prompt=PromptSettings("raw"))).to_pylist()[0]
+    row = score_shard(
+        lm, task(QUESTIONS[:1]), dataclasses.replace(settings(), prompt=PromptSettings("raw"))
+    ).to_pylist()[0]
     assert row["num_prompt_tokens"] == len(lm.tokenizer(QUESTIONS[0]["question"])["input_ids"])
     chat = score_shard(lm, task(QUESTIONS[:1]), settings()).to_pylist()[0]
     assert chat["num_prompt_tokens"] > row["num_prompt_tokens"] + 10  # the template's system turn
@@ -419,9 +461,8 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it():
 def test_the_nucleus_is_the_one_a_full_sort_finds():
     """top_p_filter looks among the likeliest tokens first; a flat row (nucleus wider than that) sorts
     the whole row. Either way: the tokens whose mass ahead of them is under top_p."""
-    from transformers import TopPLogitsWarper
-
     from bulkscore.workers.generation import NUCLEUS_CANDIDATES, top_p_filter
+    from transformers import TopPLogitsWarper
 
     torch.manual_seed(0)
     scores = torch.cat([torch.randn(6, 4096) * 4, torch.randn(2, 4096) * 0.01])  # peaked rows, then flat ones

@@ -6,7 +6,6 @@ import re
 import time
 
 import pytest
-
 from bulkscore.jobs.cluster import ray_session
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.shards import Shard, plan_shards
@@ -36,6 +35,12 @@ def test_answer_extraction_and_numbers():
     assert parse_answer("so <answer>6,000</answer> grams", pattern) == "6,000"
     assert parse_answer("no tags here", pattern) is None
     assert parse_answer("<answer>1</answer><answer>2</answer>", pattern) == "1"
+    # Without tags, the default reads the last number (what a plain chat answer ends with).
+    assert parse_answer("So 5 kg is 5,000 grams.\nThat is all.", pattern) == "5,000"
+    assert parse_answer("5 kg = <answer>5000</answer> g, about 11 lb", pattern) == "5000"
+    assert parse_answer("It is -0.75 liter", pattern) == "-0.75"
+    assert parse_answer("Paris is the capital.", re.compile("(Paris)|(Rome)")) == "Paris"
+    assert parse_answer("Rome, of course", re.compile("(Paris)|(Rome)")) == "Rome"
     assert parse_number("6,000") == 6000.0
     assert parse_number(" 0.75 ") == 0.75
     assert parse_number("six") is None

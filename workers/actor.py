@@ -11,7 +11,6 @@ import os
 import socket
 
 import pyarrow as pa
-
 from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask
 from bulkscore.workers.faults import crash_if_asked
 
@@ -35,7 +34,6 @@ class ShardScorer:
         if self.lm is None:
             return {"pid": os.getpid(), "error": self.load_error}
         import ray
-
         from bulkscore.workers.models import kernels_pinned
 
         return {

@@ -7,11 +7,12 @@ import re
 
 
 def parse_answer(completion: str, pattern: re.Pattern[str]) -> str | None:
-    """The first match's first group (or the whole match when the pattern has no group)."""
+    """The first match's first group that took part in it (the whole match when the pattern has no
+    group): a pattern of alternatives, each with its group, reads whichever matched."""
     match = pattern.search(completion)
     if match is None:
         return None
-    return match.group(1) if pattern.groups else match.group(0)
+    return next((group for group in match.groups() if group is not None), match.group(0))
 
 
 def parse_number(text: str | None) -> float | None:

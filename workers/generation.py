@@ -22,11 +22,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from bulkscore.workers.contract import GenerationSettings
 from bulkscore.workers.losses import span_nll
 from bulkscore.workers.models import LoadedModel
-from bulkscore.workers.tiles import CHUNK, DECODE_ROWS, PREFILL_ROWS, SharedPrefix, Tile, cache_length, feed_rows, tile_rows
+from bulkscore.workers.tiles import (
+    CHUNK,
+    DECODE_ROWS,
+    PREFILL_ROWS,
+    SharedPrefix,
+    Tile,
+    cache_length,
+    feed_rows,
+    tile_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,14 @@ def sample_seed(seed: int, row: int, sample: int) -> int:
 def gumbel_noise(generators: Sequence[torch.Generator | None], vocab: int, device) -> torch.Tensor:
     """[rows, vocab] Gumbel noise, row r's from its own generator (zeros where there is none): added to
     a row's scores, it turns their argmax into a draw from their softmax."""
-    uniform = torch.stack([
-        torch.rand(vocab, generator=g, device=device, dtype=torch.float32) if g is not None
-        else torch.full((vocab,), 0.5, device=device)
-        for g in generators
-    ])
+    uniform = torch.stack(
+        [
+            torch.rand(vocab, generator=g, device=device, dtype=torch.float32)
+            if g is not None
+            else torch.full((vocab,), 0.5, device=device)
+            for g in generators
+        ]
+    )
     return -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
 
 
@@ -90,8 +101,9 @@ class Chooser:
         self.sampling = not settings.greedy
         self.temperature, self.top_p = settings.temperature, settings.top_p
 
-    def __call__(self, logits: torch.Tensor, steps: torch.Tensor, generators: Sequence,
-                 rows: Sequence[int] | None = None) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, steps: torch.Tensor, generators: Sequence, rows: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """logits: [R, V] float32; steps: [R] tokens each row has so far; generators: each row's, when
         sampling; rows: those whose choice is wanted (default: all). Returns [R] token ids."""
         scores = logits
@@ -257,8 +269,9 @@ class Decoder:
         if not any(self.slots):
             return
         # Free slots count as done, so that no end-of-sequence bar is computed for them.
-        steps = torch.tensor([len(run.tokens) if run else self.settings.max_new_tokens for run in self.slots],
-                             device=self.logits.device)
+        steps = torch.tensor(
+            [len(run.tokens) if run else self.settings.max_new_tokens for run in self.slots], device=self.logits.device
+        )
         generators = [run.generator if run else None for run in self.slots]
         running = [slot for slot, run in enumerate(self.slots) if run is not None]
         chosen = self.chooser(self.logits, steps, generators, running)  # [R]
@@ -272,7 +285,7 @@ class Decoder:
             run.nlls.append(value)
             stopped = False
             if self.stop_tail:
-                tail = self.lm.tokenizer.decode(run.tokens[-self.stop_tail:], skip_special_tokens=True)
+                tail = self.lm.tokenizer.decode(run.tokens[-self.stop_tail :], skip_special_tokens=True)
                 stopped = cut_at_stop(tail, self.settings.stop)[1]
             if token in eos or stopped or len(run.tokens) == self.settings.max_new_tokens:
                 run.pending.batch.finish(run.pending.index, self.finish(run))
@@ -281,8 +294,9 @@ class Decoder:
     def finish(self, run: Running) -> Generated:
         g = trim_completion(run.tokens, self.lm, self.settings)
         kept = run.nlls[: len(g.token_ids)]
-        return Generated(g.token_ids, g.text, g.finish_reason, sum(kept) / len(kept) if kept else None,
-                         run.continuation_nll)
+        return Generated(
+            g.token_ids, g.text, g.finish_reason, sum(kept) / len(kept) if kept else None, run.continuation_nll
+        )
 
     def step(self) -> None:
         """One decode call: each running slot feeds its last token, at the position after its others."""

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from bulkscore.workers.models import LoadedModel
 from bulkscore.workers.tiles import CHUNK, PREFILL_ROWS, SharedPrefix, Tile, cache_length, chunks, tile_rows
 
@@ -24,16 +23,21 @@ class Scoring:
     nlls: list[float] = field(default_factory=list)
 
 
-def start_scoring(tile: Tile, row: int, shared: SharedPrefix, index: int, sequence: Sequence[int],
-                  start: int) -> Scoring:
+def start_scoring(
+    tile: Tile, row: int, shared: SharedPrefix, index: int, sequence: Sequence[int], start: int
+) -> Scoring:
     """Place a sequence in a tile row. Token t is predicted by the logits at t - 1: all tokens but the
     last are fed, and every one after those the prefix holds is a target."""
     first = max(start, 1)
     held = shared.length_for(sequence, first)
     if held:
         shared.copy_into(tile, row)
-    return Scoring(index, chunks(sequence[held:-1], held, tile.width), chunks(sequence[held + 1 :], 0, tile.width),
-                   first - held - 1)
+    return Scoring(
+        index,
+        chunks(sequence[held:-1], held, tile.width),
+        chunks(sequence[held + 1 :], 0, tile.width),
+        first - held - 1,
+    )
 
 
 def span_nll(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from bulkscore.workers.attention import use_tile_attention
 from bulkscore.workers.contract import ModelSpec
 from bulkscore.workers.embedded import embedded_gguf, prepare_gguf
@@ -27,6 +27,8 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     load_s: float
+    cache_argument: str = "cache"  # the forward's name for the KV cache (transformers < 5: past_key_values)
+    keeps_logits: bool = True  # the forward takes logits_to_keep (logits of the last positions only)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -120,9 +122,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = resolve_dtype(spec.dtype, device)
     source = model_folder(spec)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, trust_remote_code=spec.trust_remote_code
-    )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     if spec.adapter:
         model = apply_adapter(model, spec.adapter)
     model = model.to(device).eval()
@@ -130,6 +130,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    forward = inspect.signature(model.forward).parameters
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -139,4 +140,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         eos_token_ids=eos,
         pad_token_id=int(pad),
         load_s=time.perf_counter() - started,
+        cache_argument="cache" if "cache" in forward else "past_key_values",
+        keeps_logits="logits_to_keep" in forward,
     )

@@ -21,8 +21,7 @@ COT_INSTRUCTION = (
 def chat_messages(question: str, settings: PromptSettings) -> list[dict[str, str]]:
     messages = [] if settings.system is None else [{"role": "system", "content": settings.system}]
     for example_question, example_answer in settings.examples:
-        messages += [{"role": "user", "content": example_question},
-                     {"role": "assistant", "content": example_answer}]
+        messages += [{"role": "user", "content": example_question}, {"role": "assistant", "content": example_answer}]
     return messages + [{"role": "user", "content": question}]
 
 

@@ -14,7 +14,6 @@ from typing import TypeVar
 
 import pyarrow as pa
 import torch
-
 from bulkscore.workers.answers import grade, parse_answer, parse_number
 from bulkscore.workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
 from bulkscore.workers.generation import Engine, Generated, Request, sample_seed
@@ -107,11 +106,16 @@ def generate_items(engine: Engine, items: Sequence[Item], settings: ScoringSetti
     gen = settings.generation
 
     def run(xs: list[Item]) -> list[Generated]:
-        return engine.generate([
-            Request(tuple(x.prompt_ids), sample_seed(gen.seed, x.row, x.sample),
-                    None if x.reference_ids is None else tuple(x.reference_ids))
-            for x in xs
-        ])
+        return engine.generate(
+            [
+                Request(
+                    tuple(x.prompt_ids),
+                    sample_seed(gen.seed, x.row, x.sample),
+                    None if x.reference_ids is None else tuple(x.reference_ids),
+                )
+                for x in xs
+            ]
+        )
 
     for item, result in zip(todo, per_row_fallback(run, todo)):
         if isinstance(result, BaseException):
@@ -132,16 +136,15 @@ def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
     losses = engine.span_nll(whole, [1] * len(items))
     # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens;
     # mostly done during generation, from the prompt's cache.
-    by_item = {id(item): item.generated.continuation_nll for item in items
-               if item.generated.continuation_nll is not None}
+    by_item = {
+        id(item): item.generated.continuation_nll for item in items if item.generated.continuation_nll is not None
+    }
     rest = [item for item in items if item.reference is not None and id(item) not in by_item]
-    references = engine.span_nll([item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest],
-                                 prefixed=True)
+    references = engine.span_nll(
+        [item.reference_seq for item in rest], [len(item.prompt_ids) for item in rest], prefixed=True
+    )
     by_item |= dict(zip(map(id, rest), references))
-    return [
-        (loss, item.generated.nll, by_item.get(id(item)))
-        for item, loss in zip(items, losses)
-    ]
+    return [(loss, item.generated.nll, by_item.get(id(item))) for item, loss in zip(items, losses)]
 
 
 def score_losses(engine: Engine, items: Sequence[Item]) -> dict[int, tuple]:

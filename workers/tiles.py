@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from bulkscore.workers.models import LoadedModel
 
 DECODE_ROWS = 64  # rows of every decode call: [64, 1]
@@ -84,19 +83,6 @@ class SlotCache:
             self.values[layer][row, :, :count] = value[source_row, :, :count]
 
 
-def cache_argument(model) -> str:
-    """transformers 5 names the KV cache argument `cache`; earlier versions `past_key_values`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 class Tile:
     """`rows` rows of `length` cache positions, fed `width` tokens per row per call."""
 
@@ -105,8 +91,6 @@ class Tile:
         self.cache = SlotCache(rows, length + width)
         self.positions = torch.arange(length + width, device=lm.device)  # [S]
         self.scratch = length + torch.arange(width, device=lm.device)  # [W]: where padding writes
-        self.cache_kwarg = cache_argument(lm.model)
-        self.keep_kwarg = takes_logits_to_keep(lm.model)
 
     def forward(self, feeds: Sequence[tuple[Sequence[int], int] | None], last_only: bool) -> torch.Tensor:
         """One call. feeds[r] = (tokens, first position) for row r (at most `width` tokens, placed in
@@ -122,9 +106,9 @@ class Tile:
             if feed is not None:
                 tokens, first = feed
                 n = len(tokens)
-                ids[r, width - n:] = torch.tensor(tokens, dtype=torch.long)
-                position[r, width - n:] = torch.arange(first, first + n)
-                real[r, width - n:] = True
+                ids[r, width - n :] = torch.tensor(tokens, dtype=torch.long)
+                position[r, width - n :] = torch.arange(first, first + n)
+                real[r, width - n :] = True
         ids, position, real = ids.to(device), position.to(device), real.to(device)
         self.cache.writes = torch.where(real, position, self.scratch)  # [R, W]
         self.cache.row_index = self.cache.row_index.to(device)
@@ -132,11 +116,12 @@ class Tile:
         sees_row = (self.positions <= position[..., None]) & (self.positions < self.length)  # [R, W, S]
         sees_scratch = self.positions == self.scratch[:, None]  # [W, S]
         mask = torch.where(real[..., None], sees_row, sees_scratch)[:, None]  # [R, 1, W, S]
-        kwargs = {self.cache_kwarg: self.cache}
-        if self.keep_kwarg:
+        kwargs = {self.lm.cache_argument: self.cache}
+        if self.lm.keeps_logits:
             kwargs["logits_to_keep"] = 1 if last_only else 0
-        logits = self.lm.model(input_ids=ids, position_ids=position, attention_mask=mask, use_cache=True,
-                               **kwargs).logits  # [R, 1 or W, V]
+        logits = self.lm.model(
+            input_ids=ids, position_ids=position, attention_mask=mask, use_cache=True, **kwargs
+        ).logits  # [R, 1 or W, V]
         return logits[:, -1].float() if last_only else logits.float()
 
 
@@ -174,13 +159,13 @@ def feed_rows(
                 feeds[r] = row_pieces[k]
                 if wanted:
                     row_targets = wanted[r][k][0]
-                    target_ids[r, tile.width - len(row_targets):] = torch.tensor(row_targets, dtype=torch.long)
+                    target_ids[r, tile.width - len(row_targets) :] = torch.tensor(row_targets, dtype=torch.long)
         logits = tile.forward(feeds, last_only=not wanted)  # [R, V] or [R, W, V]
         if wanted:
             nll = -torch.log_softmax(logits, dim=-1).gather(2, target_ids.to(logits.device)[..., None])  # [R, W, 1]
             for r, feed in enumerate(feeds):
                 if feed is not None:
-                    nlls[r] += nll[r, tile.width - len(feed[0]):, 0].tolist()
+                    nlls[r] += nll[r, tile.width - len(feed[0]) :, 0].tolist()
             logits = logits[:, -1]
     return logits, nlls
 
