@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
 from bulkscore.jobs.errors import JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS, Export, export_answers
 from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions

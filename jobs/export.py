@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.storage import Location
 from bulkscore.workers.answers import parse_number

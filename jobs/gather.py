@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bulkscore.jobs.storage import Location
 from bulkscore.workers.contract import RESULT_SCHEMA
 

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 
 import pyarrow as pa
+
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.shards import Shard
 from bulkscore.jobs.storage import Location

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.gather import CONTRACT_COLUMNS
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.export import read_answers
 from bulkscore.jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind, row_figures

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
+
 from bulkscore.jobs.cluster import plan_pool, ray_session
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.gather import read_finished, shard_rows, summarize, write_output

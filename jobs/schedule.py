@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+
 from bulkscore.jobs.cluster import PoolPlan
 from bulkscore.jobs.errors import JobError
 from bulkscore.workers.actor import ShardScorer

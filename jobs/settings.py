@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.questions import bundled_examples, load_examples
 from bulkscore.jobs.storage import Location

@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
     from bulkscore.jobs.questions import bundled_questions, read_jsonl
     from bulkscore.jobs.settings import prompt_settings
     from bulkscore.workers.contract import GenerationSettings, ModelSpec

@@ -60,6 +60,7 @@ def tiny_model(tmp_path_factory, embedded_folder) -> Path:
 def ray_instance():
     """One private Ray instance for the tests that run jobs in-process (the CLI reuses it)."""
     import ray
+
     from bulkscore.workers.faults import CRASH_ON_QUESTION
 
     # Ray's processes inherit this: a worker given a question holding it dies by SIGKILL.

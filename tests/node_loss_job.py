@@ -17,6 +17,8 @@ from pathlib import Path
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
 from bulkscore.jobs.questions import load_questions  # noqa: E402
 from bulkscore.jobs.run import RunOptions, run_job  # noqa: E402
 from bulkscore.jobs.settings import JobSpec  # noqa: E402
@@ -28,8 +30,6 @@ from bulkscore.workers.contract import (  # noqa: E402
     PromptSettings,
     ScoringSettings,
 )
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from tests.helpers import QUESTIONS, descendants, write_jsonl  # noqa: E402
 
 

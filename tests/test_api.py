@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-import bulkscore.jobs.run
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import bulkscore
+import bulkscore.jobs.run
 from tests.helpers import QUESTIONS, write_jsonl
 
 OPTIONS = {"max_new_tokens": 6, "quiet": True}

@@ -8,12 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
+
 from bulkscore.jobs.cli import cli
 from bulkscore.jobs.questions import bundled_examples, load_examples
 from bulkscore.workers.contract import PromptSettings
 from bulkscore.workers.prompts import COT_INSTRUCTION, format_prompt
-from click.testing import CliRunner
-
 from tests.helpers import QUESTIONS, write_jsonl
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import bulkscore.jobs.run
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
+
+import bulkscore.jobs.run
+from bulkscore.jobs.cli import cli
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
 
+from bulkscore.jobs.cli import cli
 from tests.helpers import QUESTIONS, write_jsonl
 
 OUTPUT_SCHEMA = pa.schema(

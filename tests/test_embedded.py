@@ -65,6 +65,7 @@ def test_bundled_set_with_the_embedded_model(tmp_path, embedded_folder):
 def test_cot_makes_the_embedded_model_answer_in_tags(embedded_folder):
     """The bundled cot instruction and examples get <answer> tags from SmolLM2-135M; plain chat does not."""
     import pyarrow as pa
+
     from bulkscore.jobs.questions import bundled_questions, load_questions
     from bulkscore.jobs.settings import prompt_settings
     from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, ScoringSettings, ShardTask
@@ -91,6 +92,7 @@ BF16_LOSS_BOUND = 0.025  # relative to float32; measured 1.0% at worst over the 
 def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
     """What `--dtype auto` picks on CPUs with AVX512-BF16 or AMX (and on GPUs) keeps the grader's loss."""
     import torch
+
     from bulkscore.jobs.questions import bundled_questions, read_jsonl
     from bulkscore.workers.contract import ModelSpec
     from bulkscore.workers.losses import span_nll
@@ -114,8 +116,9 @@ def test_bfloat16_losses_stay_within_the_bound_of_float32(embedded_folder):
 def test_the_embedded_model_gives_the_same_bits_whatever_the_batch_shard_or_workers(tmp_path, dtype, embedded_folder):
     """The issue's own check: SmolLM2-135M, rows one at a time in shards of 3 on one worker with two
     threads, against eight at a time in shards of 5 on two workers with one thread each."""
-    from bulkscore.jobs.cli import cli
     from click.testing import CliRunner
+
+    from bulkscore.jobs.cli import cli
 
     common = ["run", "--limit", "6", "--max-new-tokens", "8", "--dtype", dtype, "--quiet"]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
 
+from bulkscore.jobs.cli import cli
 from tests.conftest import CRASH_NEEDLE
 from tests.helpers import QUESTIONS, kill_job, write_jsonl
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.questions import Columns, bundled_questions, load_questions
 from bulkscore.jobs.settings import JobSpec, fingerprint
 from bulkscore.jobs.storage import locate
 from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
-
 from tests.helpers import QUESTIONS, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from bulkscore.jobs.cli import cli
-from bulkscore.jobs.report import COLOURS
 from click.testing import CliRunner
 from PIL import Image
 
+from bulkscore.jobs.cli import cli
+from bulkscore.jobs.report import COLOURS
 from tests.helpers import QUESTIONS, browser, write_jsonl
 from tests.test_cli import OUTPUT_SCHEMA
 

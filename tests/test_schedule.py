@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+
 from bulkscore.jobs.schedule import run_shards
 from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, error_result
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
 from bulkscore.workers.contract import (
     INPUT_SCHEMA,
     GenerationSettings,
@@ -20,11 +23,8 @@ from bulkscore.workers.contract import (
 )
 from bulkscore.workers.generation import Engine, gumbel_noise
 from bulkscore.workers.models import load_model
-from bulkscore.workers.scoring import score_shard
+from bulkscore.workers.scoring import score_shard, shard_engine
 from bulkscore.workers.tiles import CHUNK
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-
 from tests.helpers import QUESTIONS
 
 
@@ -227,9 +227,9 @@ class ReducingOps(TorchDispatchMode):
     """Records every matrix product, attention, softmax and reduction torch runs, with the shapes of
     its tensor arguments: the model's own layers and the engine's code alike."""
 
-    def __init__(self) -> None:
+    def __init__(self, seen: set[tuple]) -> None:
         super().__init__()
-        self.seen: set[tuple] = set()
+        self.seen = seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -246,9 +246,17 @@ def test_a_row_meets_the_same_shapes_alone_in_a_batch_or_in_any_shard(lm):
     that the rows alone do not meet."""
 
     def shapes(t: ShardTask, **generation) -> set[tuple]:
-        with ReducingOps() as ops:
-            score_shard(lm, t, settings(**generation))
-        return ops.seen
+        # Recorded on the caller's thread and on the engine's model thread (modes are per thread).
+        seen: set[tuple] = set()
+        engine = shard_engine(lm, settings(**generation))
+        on_model_thread = ReducingOps(seen)
+        engine.model_thread.submit(on_model_thread.__enter__).result()
+        try:
+            with ReducingOps(seen):
+                score_shard(lm, t, settings(**generation), engine)
+        finally:
+            engine.model_thread.submit(on_model_thread.__exit__, None, None, None).result()
+        return seen
 
     whole = shapes(task(QUESTIONS))
     # The recorder sees the model's layers, its norms and attention, and the engine's own reductions.
@@ -461,8 +469,9 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it():
 def test_the_nucleus_is_the_one_a_full_sort_finds():
     """top_p_filter looks among the likeliest tokens first; a flat row (nucleus wider than that) sorts
     the whole row. Either way: the tokens whose mass ahead of them is under top_p."""
-    from bulkscore.workers.generation import NUCLEUS_CANDIDATES, top_p_filter
     from transformers import TopPLogitsWarper
+
+    from bulkscore.workers.generation import NUCLEUS_CANDIDATES, top_p_filter
 
     torch.manual_seed(0)
     scores = torch.cat([torch.randn(6, 4096) * 4, torch.randn(2, 4096) * 0.01])  # peaked rows, then flat ones

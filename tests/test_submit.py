@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from bulkscore.jobs.cli import cli
 from click.testing import CliRunner
 
+from bulkscore.jobs.cli import cli
 from tests.helpers import QUESTIONS, start_head, stop_head, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -239,6 +239,7 @@ def test_runtime_env_and_working_dir_reach_the_job(jobs_api, tmp_path):
 
 def test_one_worker_per_gpu_by_default(monkeypatch):
     import ray
+
     from bulkscore.jobs.cluster import PoolPlan, plan_pool
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})

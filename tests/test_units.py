@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+
 from bulkscore.jobs.cluster import ray_session
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.shards import Shard, plan_shards

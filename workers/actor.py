@@ -11,6 +11,7 @@ import os
 import socket
 
 import pyarrow as pa
+
 from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask
 from bulkscore.workers.faults import crash_if_asked
 
@@ -34,6 +35,7 @@ class ShardScorer:
         if self.lm is None:
             return {"pid": os.getpid(), "error": self.load_error}
         import ray
+
         from bulkscore.workers.models import kernels_pinned
 
         return {

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from bulkscore.workers.models import LoadedModel
 from bulkscore.workers.tiles import CHUNK, PREFILL_ROWS, SharedPrefix, Tile, cache_length, chunks, tile_rows
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from bulkscore.workers.attention import use_tile_attention
 from bulkscore.workers.contract import ModelSpec
 from bulkscore.workers.embedded import embedded_gguf, prepare_gguf

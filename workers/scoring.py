@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pyarrow as pa
 import torch
+
 from bulkscore.workers.answers import grade, parse_answer, parse_number
 from bulkscore.workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
 from bulkscore.workers.generation import Engine, Generated, Request, sample_seed
@@ -132,7 +133,8 @@ def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
     scored by span_nll.
     """
     # loss: question + completion as plain text, with the tokenizer's own special tokens.
-    whole = [engine.lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
+    with engine.tokenizer:
+        whole = [engine.lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
     losses = engine.span_nll(whole, [1] * len(items))
     # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens;
     # mostly done during generation, from the prompt's cache.
@@ -149,8 +151,7 @@ def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
 
 def score_losses(engine: Engine, items: Sequence[Item]) -> dict[int, tuple]:
     done = [item for item in items if item.generated is not None]
-    with engine.compute:  # the tokenizer too is used by one thread at a time
-        losses = per_row_fallback(lambda xs: item_losses(engine, xs), done)
+    losses = per_row_fallback(lambda xs: item_losses(engine, xs), done)
     out = {}
     for item, value in zip(done, losses):
         if isinstance(value, BaseException):
@@ -207,7 +208,7 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings, eng
         for s in range(settings.generation.num_samples)
     ]
     with torch.inference_mode():
-        with engine.compute:
+        with engine.tokenizer:
             prepare_prompts(lm, items, settings)
         generate_items(engine, items, settings)
         losses = score_losses(engine, items)

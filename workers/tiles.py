@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from bulkscore.workers.models import LoadedModel
 
 DECODE_ROWS = 64  # rows of every decode call: [64, 1]
