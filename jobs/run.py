@@ -157,7 +157,7 @@ def score_on_ray(
                     )
                     store.write(shard, shard_rows(questions, whole))
 
-            tasks = [shard_task(questions, s.index, s.start, s.stop) for s in todo]
+            tasks = (shard_task(questions, s.index, s.start, s.stop) for s in todo)  # drawn as workers free up
             deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
     return {
         "workers": pool.workers,

@@ -8,7 +8,7 @@ gets one more try, and a single row that still kills its worker becomes an error
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -77,65 +77,130 @@ def death_cause(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
-def can_take(in_flight: list[tuple], work: Work) -> bool:
-    """A piece that has been running when a worker died runs alone, so a death there is its own."""
-    if any(w.deaths for _, w in in_flight):
-        return False
-    return not in_flight if work.deaths else len(in_flight) < IN_FLIGHT_PER_WORKER
+class Pool:
+    """Which worker takes the next piece, in O(1) per piece whatever the number of shards.
+
+    Workers sit in buckets by how many pieces they run (0 or 1; a full one is in none), so the least
+    busy one is found without a scan. A piece that has been running when a worker died (a suspect)
+    runs alone, so that a death there is its own: it takes an idle worker, which then takes nothing
+    else until it is done.
+    """
+
+    def __init__(self, actors: Sequence) -> None:
+        self.in_flight: dict = {}  # live actor -> [(ref, work)], in the order it runs them
+        self.buckets: list[dict] = [{} for _ in range(IN_FLIGHT_PER_WORKER)]  # load -> {actor: None}
+        for actor in actors:
+            self.add(actor)
+
+    def add(self, actor) -> None:
+        self.in_flight[actor] = []
+        self.buckets[0][actor] = None
+
+    def taker(self, work: Work):
+        """The least busy worker that can take `work` now, or None."""
+        if work.deaths:
+            return next(iter(self.buckets[0]), None)
+        return next((next(iter(b)) for b in self.buckets if b), None)
+
+    def launch(self, actor, ref, work: Work) -> None:
+        self.unbucket(actor)
+        self.in_flight[actor].append((ref, work))
+        self.rebucket(actor)
+
+    def finish(self, actor, ref, work: Work) -> None:
+        self.unbucket(actor)
+        self.in_flight[actor].remove((ref, work))
+        self.rebucket(actor)
+
+    def remove(self, actor) -> list[tuple]:
+        """Forget a dead worker; returns what it was running."""
+        self.unbucket(actor)
+        return self.in_flight.pop(actor)
+
+    def unbucket(self, actor) -> None:
+        for bucket in self.buckets:
+            bucket.pop(actor, None)
+
+    def rebucket(self, actor) -> None:
+        running = self.in_flight[actor]
+        if len(running) < IN_FLIGHT_PER_WORKER and not any(w.deaths for _, w in running):
+            self.buckets[len(running)][actor] = None
 
 
 def run_shards(
     start_one: Callable,
     actors: Sequence,
-    tasks: Sequence[ShardTask],
+    tasks: Iterable[ShardTask],
     num_samples: int,
     on_result: Callable[[ShardTask, pa.Table], None],
     say: Callable[[str], None],
+    ray_api=None,
 ) -> int:
-    """Score every task; returns how many workers died on the way."""
-    import ray
+    """Score every task; returns how many workers died on the way.
+
+    `tasks` is drawn as workers free up, so it may be a generator over an input larger than memory.
+    The driver's work per finished piece does not grow with the number of shards. `ray_api` stands
+    in for the `ray` module in tests (wait, get, kill).
+    """
+    if ray_api is None:
+        import ray as ray_api
     from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
     died = (RayActorError, WorkerCrashedError, OutOfMemoryError)
-    queue = deque(Work(task) for task in tasks)
-    in_flight: dict = {a: [] for a in actors}  # live actor -> [(ref, work)] in the order it runs them
-    owner: dict = {}  # ref -> actor
+    fresh = iter(tasks)
+    suspects: deque[Work] = deque()  # pieces that were running when a worker died: each runs alone
+    again: deque[Work] = deque()  # pieces lost with a worker that did not cause it: before fresh ones
+    upcoming: deque[Work] = deque()  # the next fresh piece, drawn but not placed yet
+    pool = Pool(actors)
+    owner: dict = {}  # ref -> (actor, work)
     deaths = 0
 
+    def next_piece() -> Work | None:
+        if again:
+            return again[0]
+        if not upcoming:
+            task = next(fresh, None)
+            if task is None:
+                return None
+            upcoming.append(Work(task))
+        return upcoming[0]
+
+    def launch(actor, work: Work) -> None:
+        ref = actor.score.remote(work.task)
+        pool.launch(actor, ref, work)
+        owner[ref] = (actor, work)
+
     def fill() -> None:
-        for work in list(queue):
-            # The least busy worker first, so that a few shards spread over the whole pool.
-            takers = [a for a, running in in_flight.items() if can_take(running, work)]
-            actor = min(takers, key=lambda a: len(in_flight[a]), default=None)
-            if actor is not None:
-                queue.remove(work)
-                ref = actor.score.remote(work.task)
-                in_flight[actor].append((ref, work))
-                owner[ref] = actor
+        while suspects and (actor := pool.taker(suspects[0])) is not None:
+            launch(actor, suspects.popleft())
+        while (work := next_piece()) is not None and (actor := pool.taker(work)) is not None:
+            (again or upcoming).popleft()
+            launch(actor, work)
 
     def get(ref, work: Work) -> pa.Table:
         try:
-            return ray.get(ref)
+            return ray_api.get(ref)
         except RayTaskError as error:
             raise JobError(f"shard {work.task.index} failed: {error.cause!r}") from None
 
-    while queue or owner:
+    while True:
         fill()
+        if not owner:
+            break
         # A bounded wait gives Python a moment to act on Ctrl-C between checks.
-        ready, _ = ray.wait(list(owner), num_returns=1, timeout=WAIT_S)
+        ready, _ = ray_api.wait(list(owner), num_returns=1, timeout=WAIT_S)
         if not ready:
             continue
-        actor = owner.pop(ready[0])
-        work = next(w for r, w in in_flight[actor] if r == ready[0])
+        actor, work = owner.pop(ready[0])
         try:
             result = get(ready[0], work)
         except died as error:
             # The worker is gone with everything it had: keep what it finished, blame the piece
             # that was running (the first unfinished one), and run the rest again elsewhere.
             deaths += 1
-            lost = in_flight.pop(actor)
-            ray.kill(actor)
-            in_flight[start_one()] = []
+            lost = pool.remove(actor)
+            ray_api.kill(actor)
+            pool.add(start_one())
             blamed = None
             for ref, piece in lost:
                 owner.pop(ref, None)
@@ -152,12 +217,12 @@ def run_shards(
                         f"starting a replacement ({death_cause(error)})"
                     )
                     retry, given_up = after_death(piece, death_cause(error), num_samples)
-                    queue.extendleft(reversed(retry))
+                    suspects.extendleft(reversed(retry))
                     if given_up is not None:
                         on_result(piece.task, given_up)
                 else:
-                    queue.append(piece)
+                    again.append(piece)
             continue
-        in_flight[actor].remove((ready[0], work))
+        pool.finish(actor, ready[0], work)
         on_result(work.task, result)
     return deaths
