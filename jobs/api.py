@@ -12,13 +12,15 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
 
 from bulkscore.jobs.errors import JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS, Export, export_answers
+from bulkscore.jobs.gather import read_output
 from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
@@ -42,14 +44,22 @@ BUNDLED = "(bundled unit conversions)"
 @dataclass(frozen=True)
 class Result:
     """What a job produced: `table` in the output contract (one row per input row and sample, in
-    input order) and `summary` (the figures `OUTPUT.summary.json` holds)."""
+    input order) and `summary` (the figures `OUTPUT.summary.json` holds).
 
-    table: pa.Table
+    With an output, `table` is read from it when first asked for: a job larger than memory returns
+    at once, and its rows can be read piecewise from the output instead."""
+
     summary: dict
     already_finished: bool = False  # `output` already held this job's results: nothing was scored
+    output: Location | None = None
+    rows: pa.Table | None = field(default=None, repr=False)  # a job without output: its rows
+
+    @cached_property
+    def table(self) -> pa.Table:
+        return self.rows if self.rows is not None else read_output(self.output)
 
     def __repr__(self) -> str:
-        return f"Result({self.table.num_rows} rows, accuracy={self.summary.get('accuracy')})"
+        return f"Result({self.summary.get('samples')} rows, accuracy={self.summary.get('accuracy')})"
 
 
 def run(
@@ -134,7 +144,7 @@ def run(
     say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
     options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet)
     report = run_job(spec, questions, options, say)
-    return Result(report.table, report.summary, report.already_finished)
+    return Result(report.summary, report.already_finished, location, report.table)
 
 
 def question_sources(inputs) -> list[Source]:
@@ -238,9 +248,10 @@ def check_prompt_options(prompt_format: str, system: str | None, examples) -> No
 
 
 def check_local_output(output: Path) -> None:
-    if output.is_dir():
-        raise UsageError("--output", f"{output} is a folder; give a file path such as {output / 'answers.parquet'}")
-    folder = next((p for p in output.absolute().parents if p.exists()), None)
+    """A file to write, or a folder (an existing one, or a path ending in /) to write a dataset into."""
+    folder = next((p for p in [output.absolute(), *output.absolute().parents] if p.exists()), None)
+    if folder == output.absolute() and not folder.is_dir():
+        folder = output.absolute().parent
     if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError("--output", f"cannot write {output}: {folder} is not a writable folder")
 

@@ -15,7 +15,7 @@ from bulkscore.jobs import api
 from bulkscore.jobs.errors import JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS
 from bulkscore.jobs.gather import summary_path
-from bulkscore.jobs.parts import parts_folder
+from bulkscore.jobs.parts import checkpoints
 from bulkscore.jobs.report import DEFAULT_BY
 from bulkscore.jobs.storage import locate
 from bulkscore.workers.prompts import PROMPT_FORMATS
@@ -180,7 +180,7 @@ def run(inputs, output, **options):
             result = api.run(list(inputs) or None, output, say=say, **options)
         except KeyboardInterrupt:
             click.echo(
-                f"\nInterrupted. Finished shards are kept in {parts_folder(locate(output))}: run the same "
+                f"\nInterrupted. Finished shards are kept in {checkpoints(locate(output))}: run the same "
                 "command again to resume.",
                 err=True,
             )

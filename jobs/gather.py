@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from bulkscore.jobs.storage import Location
 from bulkscore.workers.contract import RESULT_SCHEMA
@@ -57,10 +60,6 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def mean(column: pa.ChunkedArray) -> float | None:
-    return rounded(pc.mean(column).as_py())
-
-
 def error_kind(error: str) -> str:
     """Row errors read "<kind>: <detail>"."""
     return error.split(":", 1)[0]
@@ -70,48 +69,80 @@ def count(mask: pa.ChunkedArray) -> int:
     return pc.sum(mask).as_py() or 0
 
 
+class Tally:
+    """The output's figures added up part by part, so that no more than one part need be in memory:
+    counts, and sums and counts of each loss (whose means are their ratio)."""
+
+    COUNTS = ("samples", "errors", "answered", "correct", "with_reference", "prompt_tokens", "completion_tokens")
+    LOSSES = ("loss", "completion_loss", "reference_loss")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+        self.losses = {name: [0.0, 0] for name in self.LOSSES}  # name -> [sum, how many]
+        self.error_kinds: Counter = Counter()
+
+    def add(self, table: pa.Table) -> Tally:
+        errors = table.column("error")
+        added = {
+            "samples": table.num_rows,
+            "errors": count(pc.is_valid(errors)),
+            "answered": count(pc.is_valid(table.column("answer_text"))),
+            "correct": count(pc.fill_null(table.column("is_correct"), False)),
+            "with_reference": count(pc.is_valid(table.column("reference"))),
+            "prompt_tokens": count(table.column("num_prompt_tokens")),
+            "completion_tokens": count(table.column("num_completion_tokens")),
+        }
+        for name, value in added.items():
+            self.counts[name] += value
+        for name in self.LOSSES:
+            if name in table.column_names:
+                column = table.column(name)
+                self.losses[name][0] += pc.sum(column).as_py() or 0.0
+                self.losses[name][1] += count(pc.is_valid(column))
+        if added["errors"]:
+            self.error_kinds.update(error_kind(e) for e in errors.drop_null().to_pylist())
+        return self
+
+    def mean(self, name: str) -> float | None:
+        total, n = self.losses[name]
+        return total / n if n else None
+
+    def figures(self) -> dict:
+        """Counts and rates over output rows, i.e. (input row, sample) pairs, unrounded: what the
+        job's summary and the report state, for the whole output or any slice of it."""
+        c = self.counts
+        return c | {
+            "accuracy": c["correct"] / c["with_reference"] if c["with_reference"] else None,
+            "answer_rate": c["answered"] / c["samples"] if c["samples"] else None,
+            "mean_loss": self.mean("loss"),
+        }
+
+
 def row_figures(table: pa.Table) -> dict:
-    """Counts and rates over output rows, i.e. (input row, sample) pairs, unrounded: what the job's
-    summary and the report state, for the whole output or any slice of it."""
-    samples = table.num_rows
-    with_reference = count(pc.is_valid(table.column("reference")))
-    correct = count(pc.fill_null(table.column("is_correct"), False))
-    answered = count(pc.is_valid(table.column("answer_text")))
-    return {
-        "samples": samples,
-        "errors": count(pc.is_valid(table.column("error"))),
-        "answered": answered,
-        "correct": correct,
-        "with_reference": with_reference,
-        "accuracy": correct / with_reference if with_reference else None,
-        "answer_rate": answered / samples if samples else None,
-        "mean_loss": pc.mean(table.column("loss")).as_py(),
-        "prompt_tokens": count(table.column("num_prompt_tokens")),
-        "completion_tokens": count(table.column("num_completion_tokens")),
-    }
+    """Tally.figures of one table."""
+    return Tally().add(table).figures()
 
 
 def rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> dict:
+def summarize(tally: Tally, num_rows: int, elapsed_s: float, extra: dict) -> dict:
     """The job's figures. Counts and rates are over output rows, i.e. (input row, sample) pairs."""
-    f = row_figures(table)
-    kinds = Counter(error_kind(e) for e in table.column("error").drop_null().to_pylist())
+    f = tally.figures()
     return (
         {
             "rows": num_rows,
             "samples": f["samples"],
             "errors": f["errors"],
-            "error_kinds": dict(sorted(kinds.items())),
+            "error_kinds": dict(sorted(tally.error_kinds.items())),
             "answered": f["answered"],
             "correct": f["correct"],
             "accuracy": rounded(f["accuracy"]),
             "answer_rate": rounded(f["answer_rate"]),
             "mean_loss": rounded(f["mean_loss"]),
-            "mean_completion_loss": mean(table.column("completion_loss")),
-            "mean_reference_loss": mean(table.column("reference_loss")),
+            "mean_completion_loss": rounded(tally.mean("completion_loss")),
+            "mean_reference_loss": rounded(tally.mean("reference_loss")),
             "prompt_tokens": f["prompt_tokens"],
             "completion_tokens": f["completion_tokens"],
             "elapsed_s": round(elapsed_s, 3),
@@ -123,19 +154,81 @@ def summarize(table: pa.Table, num_rows: int, elapsed_s: float, extra: dict) -> 
     )
 
 
-def write_output(table: pa.Table, output: Location, settings: dict, summary: dict) -> None:
-    """OUTPUT and its summary JSON, each written whole or not at all."""
-    metadata = {SETTINGS_KEY: json.dumps(settings).encode(), SUMMARY_KEY: json.dumps(summary).encode()}
-    output.write_table(table.replace_schema_metadata(metadata))
+# Parts are gathered into row groups of about this many rows or bytes, whichever comes first: few
+# enough row groups for fast reads (a 64-row group per default shard would make a 10M-row file's
+# footer huge), small enough to keep the driver's memory flat.
+ROW_GROUP_ROWS = 65_536
+ROW_GROUP_BYTES = 64 << 20
+
+
+def is_folder(output: Location) -> bool:
+    """A folder output (a Parquet dataset, one file per shard): written with a trailing slash, or
+    an existing folder."""
+    return output.text.split("?", 1)[0].endswith("/") or output.kind() == pafs.FileType.Directory
+
+
+def write_summary(output: Location, summary: dict) -> None:
     summary_path(output).write_bytes((json.dumps(summary, indent=2) + "\n").encode())
+
+
+def write_file_output(
+    parts: Iterable[pa.Table], output: Location, settings: dict, summarize_tally: Callable[[Tally], dict]
+) -> dict:
+    """OUTPUT as one Parquet file assembled from `parts` (in input order) as they are read, a row
+    group per ROW_GROUP_ROWS rows (or ROW_GROUP_BYTES) or so, never the whole table in memory; then
+    its summary JSON.
+    The summary, made from the tally of what was written, goes into the file's key-value metadata
+    at the end. Both files appear whole or not at all. Returns the summary."""
+    tally = Tally()
+    summary: dict = {}
+
+    def put(path: str) -> None:
+        writer = None
+        pending: list[pa.Table] = []
+        try:
+            for part in parts:
+                tally.add(part)
+                if writer is None:
+                    schema = part.schema.with_metadata({SETTINGS_KEY: json.dumps(settings).encode()})
+                    writer = pq.ParquetWriter(path, schema, filesystem=output.fs)
+                pending.append(part)
+                rows, size = sum(p.num_rows for p in pending), sum(p.nbytes for p in pending)
+                if rows >= ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
+                    pending.clear()
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
+            summary.update(summarize_tally(tally))
+            writer.add_key_value_metadata({SUMMARY_KEY: json.dumps(summary).encode()})
+        finally:
+            if writer is not None:
+                writer.close()
+
+    output.write(put)
+    write_summary(output, summary)
+    return summary
 
 
 def read_finished(output: Location) -> tuple[dict, dict] | None:
     """(settings, summary) of a finished OUTPUT, or None if OUTPUT is not one of ours."""
+    if is_folder(output):
+        summary = summary_path(output)
+        manifest = output.child(FOLDER_MANIFEST)
+        if not (summary.exists() and manifest.exists()):
+            return None
+        return json.loads(manifest.read_bytes())["settings"], json.loads(summary.read_bytes())
     try:
-        metadata = output.read_schema().metadata or {}
+        metadata = output.read_metadata()
     except (OSError, pa.ArrowException):
         return None
     if SETTINGS_KEY not in metadata or SUMMARY_KEY not in metadata:
         return None
     return json.loads(metadata[SETTINGS_KEY]), json.loads(metadata[SUMMARY_KEY])
+
+
+def read_output(output: Location) -> pa.Table:
+    """A finished OUTPUT's rows, a file or a folder (whose `_`-files pyarrow skips)."""
+    return pq.read_table(output.path, filesystem=output.fs).replace_schema_metadata(None)
+
+
+FOLDER_MANIFEST = "_manifest.json"

@@ -1,4 +1,6 @@
 """Per-shard checkpoints under OUTPUT.parts/: a manifest plus one Parquet part per finished shard.
+For a folder output the parts are the output itself: OUTPUT/part-NNNNN.parquet, and the manifest
+OUTPUT/_manifest.json (a name Parquet readers skip).
 
 Every file appears whole or not at all (see jobs.storage), so a crash never leaves a half file
 that looks finished. A part file's presence means its shard is done.
@@ -7,13 +9,19 @@ that looks finished. A part file's presence means its shard is done.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 
 from bulkscore.jobs.errors import JobError
+from bulkscore.jobs.gather import FOLDER_MANIFEST, is_folder
 from bulkscore.jobs.shards import Shard
 from bulkscore.jobs.storage import Location
+
+
+def checkpoints(output: Location) -> Location:
+    """Where a job on `output` keeps its finished shards."""
+    return output if is_folder(output) else parts_folder(output)
 
 
 def parts_folder(output: Location) -> Location:
@@ -25,9 +33,9 @@ def part_name(shard: Shard) -> str:
 
 
 class PartStore:
-    def __init__(self, output: Location) -> None:
-        self.folder = parts_folder(output)
-        self.manifest = self.folder.child("manifest.json")
+    def __init__(self, output: Location, folder_output: bool = False) -> None:
+        self.folder = output if folder_output else parts_folder(output)
+        self.manifest = self.folder.child(FOLDER_MANIFEST if folder_output else "manifest.json")
 
     def open(self, fingerprint: str, plan: Sequence[Shard], settings: dict, overwrite: bool) -> set[int]:
         """Start or resume the job's checkpoints; returns the indices of shards already done."""
@@ -55,7 +63,12 @@ class PartStore:
         self.folder.child(part_name(shard)).write_table(table)
 
     def read(self, plan: Sequence[Shard]) -> pa.Table:
-        return pa.concat_tables([self.folder.child(part_name(s)).read_table() for s in plan])
+        return pa.concat_tables(self.parts(plan))
+
+    def parts(self, plan: Sequence[Shard]) -> Iterator[pa.Table]:
+        """The parts in input order, read one at a time."""
+        for shard in plan:
+            yield self.folder.child(part_name(shard)).read_table()
 
     def remove(self) -> None:
         self.folder.remove_tree()
@@ -68,16 +81,16 @@ class MemoryStore:
     folder = "memory"
 
     def __init__(self) -> None:
-        self.parts: dict[int, pa.Table] = {}
+        self.tables: dict[int, pa.Table] = {}
 
     def open(self, fingerprint: str, plan: Sequence[Shard], settings: dict, overwrite: bool) -> set[int]:
         return set()
 
     def write(self, shard: Shard, table: pa.Table) -> None:
-        self.parts[shard.index] = table
+        self.tables[shard.index] = table
 
     def read(self, plan: Sequence[Shard]) -> pa.Table:
-        return pa.concat_tables([self.parts[s.index] for s in plan])
+        return pa.concat_tables([self.tables[s.index] for s in plan])
 
     def remove(self) -> None:
-        self.parts.clear()
+        self.tables.clear()

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.export import read_answers
-from bulkscore.jobs.gather import SETTINGS_KEY, SUMMARY_KEY, error_kind, row_figures
+from bulkscore.jobs.gather import error_kind, read_finished, row_figures
 from bulkscore.jobs.storage import Location
 
 DEFAULT_BY = "category"
@@ -50,9 +50,7 @@ class Run:
 
 def read_run(location: Location, name: str) -> Run:
     table = read_answers(location, NEEDED)
-    metadata = table.schema.metadata or {}
-    settings = json.loads(metadata[SETTINGS_KEY]) if SETTINGS_KEY in metadata else {}
-    summary = json.loads(metadata[SUMMARY_KEY]) if SUMMARY_KEY in metadata else {}
+    settings, summary = read_finished(location) or ({}, {})
     return Run(name, table, settings, summary)
 
 

@@ -12,7 +12,17 @@ import pyarrow as pa
 
 from bulkscore.jobs.cluster import plan_pool, ray_session
 from bulkscore.jobs.errors import JobError
-from bulkscore.jobs.gather import read_finished, shard_rows, summarize, write_output
+from bulkscore.jobs.gather import (
+    FOLDER_MANIFEST,
+    Tally,
+    is_folder,
+    read_finished,
+    shard_rows,
+    summarize,
+    summary_path,
+    write_file_output,
+    write_summary,
+)
 from bulkscore.jobs.parts import MemoryStore, PartStore
 from bulkscore.jobs.progress import announcer, progress_bar
 from bulkscore.jobs.settings import JobSpec, fingerprint
@@ -36,9 +46,9 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class RunReport:
-    table: pa.Table  # the output's rows
     summary: dict
     already_finished: bool
+    table: pa.Table | None = None  # the rows, for a job with no output (held in memory)
 
 
 def shard_task(questions: pa.Table, index: int, start: int, stop: int) -> ShardTask:
@@ -56,31 +66,41 @@ def shard_task(questions: pa.Table, index: int, start: int, stop: int) -> ShardT
 
 def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> dict | None:
     """The summary of this very job if OUTPUT already holds it; refuse to clobber anything else."""
-    if not spec.output.exists() or overwrite:
+    output = spec.output
+    if not output.exists() or overwrite:
         return None
-    finished = read_finished(spec.output)
+    finished = read_finished(output)
     if finished is None:
-        raise JobError(f"{spec.output} exists and is not a bulkscore output; pass --overwrite to replace it")
+        if is_folder(output) and (output.child(FOLDER_MANIFEST).exists() or not output.names()):
+            return None  # an unfinished folder output (resumed, or refused, by its checkpoints), or empty
+        raise JobError(f"{output} exists and is not a bulkscore output; pass --overwrite to replace it")
     summary = finished[1]
     if summary.get("fingerprint") != job_fingerprint:
         raise JobError(
-            f"{spec.output} holds the results of a different job (fingerprint "
+            f"{output} holds the results of a different job (fingerprint "
             f"{summary.get('fingerprint')}, this job {job_fingerprint}); pass --overwrite to replace it"
         )
     return summary
 
 
 def run_job(spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callable[[str], None]) -> RunReport:
-    """Score `questions` as `spec` says; with no spec.output, in memory (nothing is written)."""
+    """Score `questions` as `spec` says; with no spec.output, in memory (nothing is written).
+
+    Finished shards are written as parts as they come; at the end they are gathered into OUTPUT one
+    at a time (a folder output is its parts), so the output is never held whole."""
     started = time.perf_counter()
     job_fingerprint = fingerprint(spec, questions)
-    if spec.output is not None:
+    output = spec.output
+    folder = output is not None and is_folder(output)
+    if output is not None:
         finished = check_output_free(spec, job_fingerprint, options.overwrite)
         if finished is not None:
-            return RunReport(spec.output.read_table().replace_schema_metadata(None), finished, already_finished=True)
+            return RunReport(finished, already_finished=True)
+        if options.overwrite:
+            summary_path(output).remove()
 
     plan = plan_shards(questions.num_rows, spec.shard_size)
-    store = PartStore(spec.output) if spec.output is not None else MemoryStore()
+    store = MemoryStore() if output is None else PartStore(output, folder)
     done = store.open(job_fingerprint, plan, spec.settings(), options.overwrite)
     if done:
         say(f"Resuming: {len(done)} of {len(plan)} shards already done in {store.folder}")
@@ -95,15 +115,25 @@ def run_job(spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callab
         "invariant": None,
     }
     figures = score_on_ray(spec, questions, todo, store, options, say, started) if todo else idle
-
-    table = store.read(plan)
     extra = {"model": spec.model_name, "adapter": spec.model.adapter, **figures, "fingerprint": job_fingerprint}
-    summary = summarize(table, questions.num_rows, time.perf_counter() - started, extra)
-    if spec.output is not None:
-        write_output(table, spec.output, spec.settings(), summary)
-    if not options.keep_parts:
-        store.remove()
-    return RunReport(table, summary, already_finished=False)
+
+    def summary_of(tally: Tally) -> dict:
+        return summarize(tally, questions.num_rows, time.perf_counter() - started, extra)
+
+    if output is None:
+        table = store.read(plan)
+        return RunReport(summary_of(Tally().add(table)), already_finished=False, table=table)
+    if folder:
+        tally = Tally()
+        for part in store.parts(plan):
+            tally.add(part)
+        summary = summary_of(tally)
+        write_summary(output, summary)
+    else:
+        summary = write_file_output(store.parts(plan), output, spec.settings(), summary_of)
+        if not options.keep_parts:
+            store.remove()
+    return RunReport(summary, already_finished=False)
 
 
 def score_on_ray(

@@ -37,6 +37,7 @@ class Location:
 
     def sibling(self, name: str) -> Location:
         base, sep, query = self.text.partition("?")
+        base = base.rstrip("/")  # a folder written with its slash
         head = base.rsplit("/", 1)[0] + "/" if "/" in base else ""
         return Location(self.fs, posixpath.join(posixpath.dirname(self.path), name), head + name + sep + query)
 
@@ -67,8 +68,10 @@ class Location:
     def read_table(self) -> pa.Table:
         return pq.read_table(self.path, filesystem=self.fs)
 
-    def read_schema(self) -> pa.Schema:
-        return pq.read_schema(self.path, filesystem=self.fs)
+    def read_metadata(self) -> dict[bytes, bytes]:
+        """A Parquet file's key-value metadata (what was added as it was closed included)."""
+        with self.fs.open_input_file(self.path) as f:
+            return pq.ParquetFile(f).metadata.metadata or {}
 
     def write_table(self, table: pa.Table) -> None:
         self.write(lambda path: pq.write_table(table, path, filesystem=self.fs))
@@ -85,6 +88,11 @@ class Location:
         finally:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 self.fs.delete_file(tmp)
+
+    def remove(self) -> None:
+        """Delete this file, if it is there."""
+        if self.kind() == pafs.FileType.File:
+            self.fs.delete_file(self.path)
 
     def remove_tree(self) -> None:
         if self.exists():

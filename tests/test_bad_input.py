@@ -144,12 +144,11 @@ def test_bad_options_are_usage_errors(tmp_path, args, message):
 
 
 def test_output_that_cannot_be_written(tmp_path):
-    folder = invoke("-o", tmp_path)
-    assert folder.exit_code == 2
-    assert (
-        f"Invalid value for --output: {tmp_path} is a folder; give a file path such as {tmp_path / 'answers.parquet'}"
-        in folder.stderr
-    )
+    (tmp_path / "notes").mkdir()
+    write(tmp_path / "notes" / "todo.txt", "x")
+    folder = invoke("-o", tmp_path / "notes")  # a folder output, but not an empty one, nor ours
+    assert folder.exit_code == 1
+    assert f"Error: {tmp_path / 'notes'} exists and is not a bulkscore output; pass --overwrite" in folder.stderr
     blocker = write(tmp_path / "file", "x")
     under_a_file = invoke("-o", blocker / "answers.parquet")
     assert under_a_file.exit_code == 2

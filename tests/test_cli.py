@@ -106,7 +106,7 @@ def test_run_writes_the_contract(tiny_model, questions, tmp_path):
     assert summary["timings"]["generate_s"] > 0 and summary["timings"]["loss_s"] > 0
     assert summary["completion_tokens"] == sum(table.column("num_completion_tokens").to_pylist())
     assert summary["mean_loss"] == pytest.approx(sum(table.column("loss").to_pylist()) / 8, abs=1e-6)
-    metadata = table.schema.metadata
+    metadata = pq.ParquetFile(output).metadata.metadata  # the file's key-value metadata
     assert json.loads(metadata[b"bulkscore.summary"]) == summary
     assert json.loads(metadata[b"bulkscore.settings"])["shard_size"] == 3
     assert not output.with_name("answers.parquet.parts").exists()
