@@ -147,12 +147,17 @@ def run(
     return Result(report.summary, report.already_finished, location, report.table)
 
 
+def input_path(path: str | os.PathLike) -> Path | str:
+    """A local path as a Path, a filesystem URI (s3://...) as it is written."""
+    return str(path) if "://" in str(path) else Path(path)
+
+
 def question_sources(inputs) -> list[Source]:
     """The inputs as paths or in-memory tables, in order; [] for the bundled set."""
     if inputs is None:
         return []
     if isinstance(inputs, (str, os.PathLike)):
-        return [Path(inputs)]
+        return [input_path(inputs)]
     if isinstance(inputs, pa.Table):
         return [InMemory("the table given", inputs)]
     if type(inputs).__module__.split(".")[0] == "pandas":  # a DataFrame; pandas itself is not needed
@@ -161,7 +166,7 @@ def question_sources(inputs) -> list[Source]:
     if items and all(isinstance(item, dict) for item in items):
         return [InMemory("the rows given", items)]
     if items and all(isinstance(item, (str, os.PathLike)) for item in items):
-        return [Path(item) for item in items]
+        return [input_path(item) for item in items]
     raise UsageError(
         "INPUTS",
         "give a path, a list of paths, a pyarrow Table, a pandas DataFrame or a list of dicts, "

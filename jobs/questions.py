@@ -11,18 +11,23 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.gather import CONTRACT_COLUMNS
+from bulkscore.jobs.storage import Location, locate
 
 QUESTION_COLUMNS = ("question", "prompt", "input")
 ANSWER_COLUMNS = ("answer", "reference", "target", "correct_answer")
 ID_COLUMN = "id"
 ARRAY_COLUMNS = ("question", "answer", "reasoning")  # homework-style JSON rows
+JSON_BLOCK = 16 << 20  # pyarrow reads JSONL in blocks of this many bytes; a longer line falls back
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class InMemory:
         return self.name
 
 
-Source = Path | InMemory
+Source = Location | InMemory
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,11 @@ def bundled_examples() -> Path:
     return Path(__file__).parent / "data" / "cot_examples.jsonl"
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Location) -> str:
     try:
         data = path.read_bytes()
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -70,7 +75,27 @@ def read_text(path: Path) -> str:
         raise InputError(f"{path}, line {line}: not UTF-8 text; save the file as UTF-8") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Location, text_columns: frozenset[str]) -> pa.Table | list[dict]:
+    """pyarrow's JSON reader (columnar, ~10x faster than Python objects); where it refuses the file
+    or would read it otherwise than plain JSON does, the line-by-line reader, which also names the
+    line at fault. Otherwise: ISO dates become timestamps, and a question or answer column
+    (`text_columns`) of whole and decimal numbers becomes floats, where 6000 must stay "6000"."""
+    try:
+        with path.open_input() as stream:
+            table = pa_json.read_json(stream, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK))
+        changed = any(
+            pa.types.is_timestamp(f.type) or (f.name in text_columns and pa.types.is_floating(f.type))
+            for f in table.schema
+        )
+        if table.num_rows and not changed:
+            table.validate(full=True)  # text that is not UTF-8 fails here
+            return table
+    except (pa.ArrowException, OSError):
+        pass
+    return read_jsonl_rows(path)
+
+
+def read_jsonl_rows(path: Location) -> list[dict]:
     rows = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -85,7 +110,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_json(path: Path) -> list[dict]:
+def read_json(path: Location) -> list[dict]:
     try:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as error:
@@ -108,21 +133,26 @@ def read_json(path: Path) -> list[dict]:
     return rows
 
 
-def read_parquet(path: Path) -> pa.Table:
+def read_parquet(path: Location) -> pa.Table:
     try:
-        return pq.read_table(path)
+        return pq.read_table(path.path, filesystem=path.fs)
     except (OSError, pa.ArrowException) as error:
         raise InputError(f"{path}: not a readable Parquet file or folder ({error})") from None
 
 
-def read_file(path: Path) -> pa.Table | list[dict]:
-    if not path.exists():
+def read_file(path: Location, columns: Columns) -> pa.Table | list[dict]:
+    try:
+        kind = path.kind()
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: cannot read ({error})") from None
+    if kind == pafs.FileType.NotFound:
         raise InputError(f"{path}: no such file or folder")
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix in (".parquet", ".pq"):
+    suffix = PurePosixPath(path.path).suffix.lower()
+    if kind == pafs.FileType.Directory or suffix in (".parquet", ".pq"):
         return read_parquet(path)
     if suffix in (".jsonl", ".ndjson"):
-        return read_jsonl(path)
+        text_columns = frozenset([columns.question, columns.answer, *QUESTION_COLUMNS, *ANSWER_COLUMNS])
+        return read_jsonl(path, text_columns)
     if suffix == ".json":
         return read_json(path)
     raise InputError(f"{path}: unsupported format {suffix or '(no suffix)'}; use .jsonl, .json or .parquet")
@@ -144,7 +174,7 @@ def column_values(data: pa.Table | list[dict], name: str) -> list:
 
 
 def pick_column(
-    path: Path, names: list[str], asked: str | None, candidates: Sequence[str], what: str, option: str
+    path: Source, names: list[str], asked: str | None, candidates: Sequence[str], what: str, option: str
 ) -> str | None:
     if asked is not None:
         if asked not in names:
@@ -170,7 +200,20 @@ def as_text(value: object) -> str | None:
     return json.dumps(value)
 
 
-def other_columns(path: Path, data: pa.Table | list[dict], names: list[str]) -> pa.Table:
+def text_column(data: pa.Table | list[dict], name: str) -> pa.Array | pa.ChunkedArray:
+    """A column as text (as_text): in Arrow for text, integers and booleans, which need no Python
+    object per row; value by value for the rest (floats keep Python's repr: 2500.0 -> "2500.0")."""
+    if isinstance(data, pa.Table):
+        column = data.column(name)
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
+            return column.cast(pa.string())
+        if pa.types.is_boolean(kind) or pa.types.is_null(kind):
+            return column.cast(pa.string())
+    return pa.array([as_text(v) for v in column_values(data, name)], pa.string())
+
+
+def other_columns(path: Source, data: pa.Table | list[dict], names: list[str]) -> pa.Table:
     """The input's columns besides question, answer and id, typed as they were (JSON: inferred).
 
     Always one row per input row, even with no columns, so that inputs stack row for row."""
@@ -193,8 +236,8 @@ def can_type(values: list) -> bool:
     return True
 
 
-def load_file(path: Source, columns: Columns) -> dict[str, list]:
-    data = path.data if isinstance(path, InMemory) else read_file(path)
+def load_file(path: Source, columns: Columns) -> dict:
+    data = path.data if isinstance(path, InMemory) else read_file(path, columns)
     names = column_names(data)
     if not names:
         raise InputError(f"{path}: no rows")
@@ -204,38 +247,52 @@ def load_file(path: Source, columns: Columns) -> dict[str, list]:
     n = len(data) if isinstance(data, list) else data.num_rows
     others = [name for name in names if name not in (question, answer, id_name)]
     return {
+        "rows": n,
         "others": other_columns(path, data, others),
-        "id": column_values(data, id_name) if id_name else None,
-        "question": [as_text(v) for v in column_values(data, question)],
-        "reference": [as_text(v) for v in column_values(data, answer)] if answer else [None] * n,
+        "id": id_values(path, data, id_name) if id_name else None,
+        "question": text_column(data, question),
+        "reference": text_column(data, answer) if answer else pa.nulls(n, pa.string()),
     }
 
 
-def load_questions(paths: Sequence[Source], columns: Columns = Columns(), limit: int | None = None) -> pa.Table:
-    """One table {id, question, reference, *other columns} of every input row, in the order given."""
-    parts = [load_file(p if isinstance(p, InMemory) else Path(p), columns) for p in paths]
-    total = sum(len(p["question"]) for p in parts)
+def id_values(path: Source, data: pa.Table | list[dict], name: str) -> pa.Array | pa.ChunkedArray:
+    if isinstance(data, pa.Table):
+        return data.column(name)
+    try:
+        return pa.array(column_values(data, name))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise InputError(f"{path}: the id column mixes types; ids must be all numbers or all text") from None
+
+
+def as_source(path: Source | str) -> Source:
+    """An input as given: rows in memory, or a Location (a local path or a filesystem URI)."""
+    return path if isinstance(path, InMemory | Location) else locate(str(path))
+
+
+def load_questions(paths: Sequence[Source | str], columns: Columns = Columns(), limit: int | None = None) -> pa.Table:
+    """One table {id, question, reference, *other columns} of every input row, in the order given.
+    Columns stay Arrow arrays throughout: no Python object per row for text and integer columns."""
+    sources = [as_source(p) for p in paths]
+    parts = [load_file(source, columns) for source in sources]
+    total = sum(p["rows"] for p in parts)
     if total == 0:
-        raise InputError(f"{', '.join(map(str, paths))}: no rows")
+        raise InputError(f"{', '.join(map(str, sources))}: no rows")
     if any(p["id"] is not None for p in parts) and not all(p["id"] is not None for p in parts):
         raise InputError("some inputs have an id column and some do not; give all of them ids or none")
-    if parts[0]["id"] is None:
-        ids = list(range(total))
-    else:
-        ids = [v for p in parts for v in p["id"]]
+    ids = pa.array(range(total), pa.int64()) if parts[0]["id"] is None else id_array([p["id"] for p in parts], sources)
     table = pa.table(
         {
-            "id": id_array(ids, paths),
-            "question": pa.array([q for p in parts for q in p["question"]], pa.string()),
-            "reference": pa.array([r for p in parts for r in p["reference"]], pa.string()),
+            "id": ids,
+            "question": pa.chunked_array([p["question"] for p in parts], pa.string()),
+            "reference": pa.chunked_array([p["reference"] for p in parts], pa.string()),
         }
     )
-    for name, column in zip(*other_table([p["others"] for p in parts], paths)):
+    for name, column in zip(*other_table([p["others"] for p in parts], sources)):
         table = table.append_column(name, column)
     return table.slice(0, limit) if limit is not None else table
 
 
-def other_table(tables: list[pa.Table], paths: Sequence[Path]) -> tuple[list[str], list[pa.ChunkedArray]]:
+def other_table(tables: list[pa.Table], paths: Sequence[Source]) -> tuple[list[str], list[pa.ChunkedArray]]:
     """The inputs' other columns stacked, and their output names: a name the output contract uses
     for its own columns gets an `input_` prefix."""
     try:
@@ -252,34 +309,29 @@ def other_table(tables: list[pa.Table], paths: Sequence[Path]) -> tuple[list[str
     return names, stacked.columns
 
 
-def id_array(ids: list, paths: Sequence[Path]) -> pa.Array:
-    if any(v is None for v in ids):
-        raise InputError(f"{', '.join(map(str, paths))}: the id column has empty values")
+def id_array(pieces: list, paths: Sequence[Source]) -> pa.ChunkedArray:
+    """The inputs' ids as one column, checked: no empty value, one type, no duplicate."""
+    where = ", ".join(map(str, paths))
+    chunks = [c for piece in pieces for c in (piece.chunks if isinstance(piece, pa.ChunkedArray) else [piece])]
+    if any(c.null_count for c in chunks) or any(pa.types.is_null(c.type) for c in chunks):
+        raise InputError(f"{where}: the id column has empty values")
+    if all(pa.types.is_integer(c.type) for c in chunks):
+        chunks = [c.cast(pa.int64()) for c in chunks]
     try:
-        array = pa.array(ids)
+        ids = pa.chunked_array(chunks)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        raise InputError(
-            f"{', '.join(map(str, paths))}: the id column mixes types; ids must be all numbers or all text"
-        ) from None
-    if pa.types.is_integer(array.type):
-        array = array.cast(pa.int64())
-    if len(set(ids)) != len(ids):
-        seen, dup = set(), None
-        for v in ids:
-            if v in seen:
-                dup = v
-                break
-            seen.add(v)
-        raise InputError(
-            f"{', '.join(map(str, paths))}: duplicate id {dup!r}; ids must be unique (or drop the id column)"
-        )
-    return array
+        raise InputError(f"{where}: the id column mixes types; ids must be all numbers or all text") from None
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise InputError(f"{where}: duplicate id {dup!r}; ids must be unique (or drop the id column)")
+    return ids
 
 
 def load_examples(path: Path) -> tuple[tuple[str, str], ...]:
     """Few-shot (question, answer text) pairs from any input format, answers as worked text."""
-    part = load_file(Path(path), Columns())
-    pairs = tuple(zip(part["question"], part["reference"]))
+    part = load_file(as_source(path), Columns())
+    pairs = tuple(zip(part["question"].to_pylist(), part["reference"].to_pylist()))
     if not pairs:
         raise InputError(f"{path}: no examples")
     for number, (question, answer) in enumerate(pairs, 1):

@@ -109,8 +109,30 @@ def fingerprint(spec: JobSpec, questions: pa.Table) -> str:
     # Where the rows came from does not matter, only what they hold.
     settings = {k: v for k, v in spec.settings().items() if k != "inputs"}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, questions.schema) as writer:
-        writer.write_table(questions.combine_chunks())
-    digest.update(sink.getvalue().to_pybytes())
+    # The rows as an Arrow stream of fixed-size batches, hashed as it is written: the same rows give
+    # the same bytes however they were chunked, and only one batch is copied at a time.
+    with pa.ipc.new_stream(pa.PythonFile(Digest(digest), mode="w"), questions.schema) as writer:
+        for start in range(0, questions.num_rows, FINGERPRINT_ROWS):
+            writer.write_table(questions.slice(start, FINGERPRINT_ROWS).combine_chunks())
     return digest.hexdigest()[:16]
+
+
+FINGERPRINT_ROWS = 65_536
+
+
+class Digest:
+    """A file-like sink that feeds what is written to a hash."""
+
+    def __init__(self, digest) -> None:
+        self.digest = digest
+        self.closed = False
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True

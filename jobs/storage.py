@@ -58,8 +58,11 @@ class Location:
         selector = pafs.FileSelector(self.path, allow_not_found=True)
         return sorted(posixpath.basename(info.path) for info in self.fs.get_file_info(selector))
 
+    def open_input(self) -> pa.NativeFile:
+        return self.fs.open_input_stream(self.path)
+
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as f:
+        with self.open_input() as f:
             return f.read()
 
     def write_bytes(self, data: bytes) -> None:

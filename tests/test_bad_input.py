@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import bulkscore.jobs.run
 from bulkscore.jobs.cli import cli
+from bulkscore.jobs.storage import Location
 
 
 @pytest.fixture(autouse=True)
@@ -81,10 +82,10 @@ def test_missing_and_unreadable_files(tmp_path, monkeypatch):
     assert (missing.exit_code, missing.stderr) == (1, f"Error: {tmp_path / 'nope.jsonl'}: no such file or folder\n")
     locked = write(tmp_path / "locked.jsonl", '{"question": "a"}\n')
 
-    def read_bytes(self):
+    def open_input(self):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # root reads any file, so stand in for chmod 000
+    monkeypatch.setattr(Location, "open_input", open_input)  # root reads any file, so stand in for chmod 000
     result = invoke(locked, "-o", tmp_path / "o.parquet")
     assert (result.exit_code, result.stderr) == (1, f"Error: {locked}: cannot read (Permission denied)\n")
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from bulkscore.jobs.cli import cli
-from tests.helpers import QUESTIONS, write_jsonl
+from tests.helpers import QUESTIONS, kill_job, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,53 @@ def test_an_unusable_uri_is_refused_before_work(tmp_path):
     result = invoke(write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:1]), "-o", "nosuchfs://x/answers.parquet")
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: --output nosuchfs://x/answers.parquet: not a usable filesystem URI")
+
+
+RESULTS = ("id", "completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss")
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_input_read_from_s3_and_a_folder_output_there_resume_after_a_kill(bucket, s3_endpoint, tiny_model, tmp_path):
+    """Questions read from the bucket (JSONL and Parquet), a folder output written there; the whole
+    job SIGKILLed once two shards are up, then the same command finishes the rest. The rows equal
+    a local run's, to the last bit."""
+    query = f"?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    with bucket.open_output_stream("bench/in/q.jsonl") as f:
+        f.write(write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:4]).read_bytes())
+    more = pa.Table.from_pylist([q | {"answer": str(q["answer"])} for q in QUESTIONS[4:]])
+    pq.write_table(more, "bench/in/more.parquet", filesystem=bucket)
+    inputs = [f"s3://bench/in/q.jsonl{query}", f"s3://bench/in/more.parquet{query}"]
+    output = f"s3://bench/out/{query}"
+    options = ["--model", str(tiny_model), "--max-new-tokens", "12", "--shard-size", "1"]
+    command = [str(Path(sys.executable).parent / "bulkscore"), "run", *inputs, "-o", output, *options]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    job = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    parts = pafs.FileSelector("bench/out", allow_not_found=True)
+
+    def finished() -> list[str]:
+        names = [i.path.rsplit("/", 1)[1] for i in bucket.get_file_info(parts)]
+        return sorted(n for n in names if n.startswith("part-"))
+
+    while time.monotonic() < deadline and job.poll() is None and len(finished()) < 2:
+        time.sleep(0.1)
+    kill_job(job)
+    assert job.returncode == -signal.SIGKILL, job.stderr.read()
+    done = finished()
+    assert 2 <= len(done) < len(QUESTIONS)
+
+    resumed = invoke(*inputs, "-o", output, *options)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"Resuming: {len(done)} of {len(QUESTIONS)} shards already done" in resumed.stderr
+    assert len(finished()) == len(QUESTIONS)
+
+    local = tmp_path / "local.parquet"
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    assert invoke(tmp_path / "all.jsonl", "-o", local, *options, "--quiet").exit_code == 0
+    written = pq.read_table("bench/out", filesystem=bucket).to_pydict()
+    expected = pq.read_table(local).to_pydict()
+    for column in RESULTS:
+        assert written[column] == expected[column], column
+    with bucket.open_input_stream("bench/out.summary.json") as f:
+        assert json.loads(f.read())["rows"] == len(QUESTIONS)
