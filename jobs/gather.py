@@ -185,6 +185,7 @@ def write_file_output(
     def put(path: str) -> None:
         writer = None
         pending: list[pa.Table] = []
+        rows = size = 0  # in `pending`
         try:
             for part in parts:
                 tally.add(part)
@@ -192,10 +193,11 @@ def write_file_output(
                     schema = part.schema.with_metadata({SETTINGS_KEY: json.dumps(settings).encode()})
                     writer = pq.ParquetWriter(path, schema, filesystem=output.fs)
                 pending.append(part)
-                rows, size = sum(p.num_rows for p in pending), sum(p.nbytes for p in pending)
+                rows, size = rows + part.num_rows, size + part.get_total_buffer_size()
                 if rows >= ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
                     writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
                     pending.clear()
+                    rows = size = 0
             if pending:
                 writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
             summary.update(summarize_tally(tally))

@@ -35,12 +35,12 @@ def main() -> None:
     from bulkscore.workers.contract import GenerationSettings, ModelSpec
     from bulkscore.workers.generation import Request, generate, trim_completion
     from bulkscore.workers.models import load_model
-    from bulkscore.workers.prompts import encode_text, format_prompt, shared_start
+    from bulkscore.workers.prompts import encode_texts, format_prompt, shared_start
 
     lm = load_model(ModelSpec("embedded", "embedded", args.dtype, "cpu"))
     settings = prompt_settings(args.format, None, None)
     questions = [row["question"] for row in read_jsonl(bundled_questions())[: args.rows]]
-    prompts = [encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q, settings), settings) for q in questions]
+    prompts = encode_texts(lm.tokenizer, [format_prompt(lm.tokenizer, q, settings) for q in questions], settings)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens)
 
     width = max(map(len, prompts))

@@ -109,13 +109,14 @@ def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
 
 def chat_requests(lm, questions=QUESTIONS, reference=" 42"):
     from bulkscore.workers.generation import Request
-    from bulkscore.workers.prompts import encode_text, format_prompt
+    from bulkscore.workers.prompts import encode_texts, format_prompt
 
     chat = PromptSettings("chat")
     tail = tuple(lm.tokenizer(reference, add_special_tokens=False)["input_ids"])
     return [
         Request(
-            tuple(encode_text(lm.tokenizer, format_prompt(lm.tokenizer, q["question"], chat), chat)), continuation=tail
+            tuple(encode_texts(lm.tokenizer, [format_prompt(lm.tokenizer, q["question"], chat)], chat)[0]),
+            continuation=tail,
         )
         for q in questions
     ]

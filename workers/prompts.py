@@ -6,6 +6,7 @@ with an instruction as the system message and worked examples as earlier turns o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from bulkscore.workers.contract import PromptSettings
@@ -34,20 +35,22 @@ def format_prompt(tokenizer: Any, question: str, settings: PromptSettings) -> st
     raise ValueError(f"unknown prompt format {settings.format!r}; choose one of {PROMPT_FORMATS}")
 
 
-def encode_text(tokenizer: Any, text: str, settings: PromptSettings) -> list[int]:
-    """Token ids of a prompt (or prompt + continuation) in `settings.format`.
+def encode_texts(tokenizer: Any, texts: Sequence[str], settings: PromptSettings) -> list[list[int]]:
+    """Token ids of prompts (or prompt + continuation) in `settings.format`, in one call.
 
     A chat template already writes its special tokens as text, so only `raw` prompts get the
     tokenizer's own (a BOS token, for tokenizers that add one).
     """
-    return tokenizer(text, add_special_tokens=settings.format == "raw")["input_ids"]
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=settings.format == "raw")["input_ids"]
 
 
 def shared_start(tokenizer: Any, settings: PromptSettings) -> list[int]:
     """The tokens every prompt of this format starts with, whatever the question (a chat template's
     system turn, cot's instruction and examples): the common start of the prompts of unlike probe
     questions. It depends on the settings alone, never on the rows being scored."""
-    probes = [encode_text(tokenizer, format_prompt(tokenizer, q, settings), settings) for q in ("a", "7", "Z?")]
+    probes = encode_texts(tokenizer, [format_prompt(tokenizer, q, settings) for q in ("a", "7", "Z?")], settings)
     n = 0
     while all(len(p) > n for p in probes) and len({p[n] for p in probes}) == 1:
         n += 1

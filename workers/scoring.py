@@ -19,7 +19,7 @@ from bulkscore.workers.answers import grade, parse_answer, parse_number
 from bulkscore.workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
 from bulkscore.workers.generation import Engine, Generated, Request, sample_seed
 from bulkscore.workers.models import LoadedModel
-from bulkscore.workers.prompts import encode_text, format_prompt, shared_start
+from bulkscore.workers.prompts import encode_texts, format_prompt, shared_start
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -78,22 +78,25 @@ def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> l
 
 
 def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
+    """Each item's prompt and its tokens, and prompt + reference's: one tokenizer call for all the
+    shard's prompts, one for all its references (a question's samples share theirs)."""
     limit = lm.context_length - settings.generation.max_new_tokens
-    by_question: dict[str, tuple[str, list[int]]] = {}
-    by_reference: dict[tuple[str, str], list[int]] = {}  # a question's samples share one encoding
+    valid = []
     for item in items:
         if item.question is None or not item.question.strip():
             item.error = "empty question"
-            continue
-        if item.question not in by_question:
-            text = format_prompt(lm.tokenizer, item.question, settings.prompt)
-            by_question[item.question] = (text, encode_text(lm.tokenizer, text, settings.prompt))
-        item.prompt, item.prompt_ids = by_question[item.question]
+        else:
+            valid.append(item)
+    questions = list(dict.fromkeys(item.question for item in valid))
+    texts = [format_prompt(lm.tokenizer, q, settings.prompt) for q in questions]
+    prompts = dict(zip(questions, zip(texts, encode_texts(lm.tokenizer, texts, settings.prompt))))
+    pairs = list(dict.fromkeys((item.question, item.reference) for item in valid if item.reference is not None))
+    joined = encode_texts(lm.tokenizer, [prompts[q][0] + r for q, r in pairs], settings.prompt)
+    references = dict(zip(pairs, joined))
+    for item in valid:
+        item.prompt, item.prompt_ids = prompts[item.question]
         if item.reference is not None:
-            key = (item.question, item.reference)
-            if key not in by_reference:
-                by_reference[key] = encode_text(lm.tokenizer, item.prompt + item.reference, settings.prompt)
-            item.reference_seq = by_reference[key]
+            item.reference_seq = references[(item.question, item.reference)]
         if len(item.prompt_ids) > limit:
             item.error = (
                 f"prompt too long: {len(item.prompt_ids)} tokens; with --max-new-tokens "
@@ -132,9 +135,11 @@ def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
     prompt cache; `loss`, and any reference whose tokens do not start where the prompt's end, are
     scored by span_nll.
     """
+    if not items:
+        return []
     # loss: question + completion as plain text, with the tokenizer's own special tokens.
     with engine.tokenizer:
-        whole = [engine.lm.tokenizer(item.question + item.generated.text)["input_ids"] for item in items]
+        whole = engine.lm.tokenizer([item.question + item.generated.text for item in items])["input_ids"]
     losses = engine.span_nll(whole, [1] * len(items))
     # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens;
     # mostly done during generation, from the prompt's cache.
