@@ -92,16 +92,23 @@ class Tally:
             "prompt_tokens": count(table.column("num_prompt_tokens")),
             "completion_tokens": count(table.column("num_completion_tokens")),
         }
-        for name, value in added.items():
-            self.counts[name] += value
-        for name in self.LOSSES:
-            if name in table.column_names:
-                column = table.column(name)
-                self.losses[name][0] += pc.sum(column).as_py() or 0.0
-                self.losses[name][1] += count(pc.is_valid(column))
+        losses = {
+            name: (pc.sum(table.column(name)).as_py() or 0.0, count(pc.is_valid(table.column(name))))
+            for name in self.LOSSES
+            if name in table.column_names
+        }
+        self.merge(added, losses)
         if added["errors"]:
             self.error_kinds.update(error_kind(e) for e in errors.drop_null().to_pylist())
         return self
+
+    def merge(self, counts: dict[str, int], losses: dict[str, tuple[float, int]]) -> None:
+        """Add counts, and (sum, how many) of losses, found elsewhere (e.g. by a group-by)."""
+        for name, value in counts.items():
+            self.counts[name] += value
+        for name, (total, n) in losses.items():
+            self.losses[name][0] += total
+            self.losses[name][1] += n
 
     def mean(self, name: str) -> float | None:
         total, n = self.losses[name]

@@ -75,19 +75,14 @@ def read_text(path: Location) -> str:
         raise InputError(f"{path}, line {line}: not UTF-8 text; save the file as UTF-8") from None
 
 
-def read_jsonl(path: Location, text_columns: frozenset[str]) -> pa.Table | list[dict]:
+def read_jsonl(path: Location) -> pa.Table | list[dict]:
     """pyarrow's JSON reader (columnar, ~10x faster than Python objects); where it refuses the file
     or would read it otherwise than plain JSON does, the line-by-line reader, which also names the
-    line at fault. Otherwise: ISO dates become timestamps, and a question or answer column
-    (`text_columns`) of whole and decimal numbers becomes floats, where 6000 must stay "6000"."""
+    line at fault (pyarrow would turn ISO dates into timestamps: the plain reader keeps them text)."""
     try:
         with path.open_input() as stream:
             table = pa_json.read_json(stream, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK))
-        changed = any(
-            pa.types.is_timestamp(f.type) or (f.name in text_columns and pa.types.is_floating(f.type))
-            for f in table.schema
-        )
-        if table.num_rows and not changed:
+        if table.num_rows and not any(pa.types.is_timestamp(f.type) for f in table.schema):
             table.validate(full=True)  # text that is not UTF-8 fails here
             return table
     except (pa.ArrowException, OSError):
@@ -140,7 +135,7 @@ def read_parquet(path: Location) -> pa.Table:
         raise InputError(f"{path}: not a readable Parquet file or folder ({error})") from None
 
 
-def read_file(path: Location, columns: Columns) -> pa.Table | list[dict]:
+def read_file(path: Location) -> pa.Table | list[dict]:
     try:
         kind = path.kind()
     except (OSError, pa.ArrowException) as error:
@@ -151,8 +146,7 @@ def read_file(path: Location, columns: Columns) -> pa.Table | list[dict]:
     if kind == pafs.FileType.Directory or suffix in (".parquet", ".pq"):
         return read_parquet(path)
     if suffix in (".jsonl", ".ndjson"):
-        text_columns = frozenset([columns.question, columns.answer, *QUESTION_COLUMNS, *ANSWER_COLUMNS])
-        return read_jsonl(path, text_columns)
+        return read_jsonl(path)
     if suffix == ".json":
         return read_json(path)
     raise InputError(f"{path}: unsupported format {suffix or '(no suffix)'}; use .jsonl, .json or .parquet")
@@ -190,11 +184,14 @@ def pick_column(
 
 
 def as_text(value: object) -> str | None:
-    """A question or reference as text: numbers as their text (6000 -> "6000", 0.5 -> "0.5")."""
+    """A question or reference as text: a number as its shortest text (6000 and 6000.0 -> "6000",
+    0.5 -> "0.5"), whichever reader typed it: JSON's parser, pyarrow's or a Parquet column."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)
@@ -202,15 +199,20 @@ def as_text(value: object) -> str | None:
 
 def text_column(data: pa.Table | list[dict], name: str) -> pa.Array | pa.ChunkedArray:
     """A column as text (as_text): in Arrow for text, integers and booleans, which need no Python
-    object per row; value by value for the rest (floats keep Python's repr: 2500.0 -> "2500.0")."""
-    if isinstance(data, pa.Table):
-        column = data.column(name)
-        kind = column.type
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
-            return column.cast(pa.string())
-        if pa.types.is_boolean(kind) or pa.types.is_null(kind):
-            return column.cast(pa.string())
-    return pa.array([as_text(v) for v in column_values(data, name)], pa.string())
+    object per row; value by value for the rest, a slice at a time."""
+    if not isinstance(data, pa.Table):
+        return pa.array([as_text(v) for v in column_values(data, name)], pa.string())
+    column = data.column(name)
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind):
+        return column.cast(pa.string())
+    if pa.types.is_boolean(kind) or pa.types.is_null(kind):
+        return column.cast(pa.string())
+    pieces = [column.slice(i, TEXT_SLICE).to_pylist() for i in range(0, len(column), TEXT_SLICE)]
+    return pa.chunked_array([pa.array([as_text(v) for v in piece], pa.string()) for piece in pieces], pa.string())
+
+
+TEXT_SLICE = 65_536
 
 
 def other_columns(path: Source, data: pa.Table | list[dict], names: list[str]) -> pa.Table:
@@ -237,7 +239,7 @@ def can_type(values: list) -> bool:
 
 
 def load_file(path: Source, columns: Columns) -> dict:
-    data = path.data if isinstance(path, InMemory) else read_file(path, columns)
+    data = path.data if isinstance(path, InMemory) else read_file(path)
     names = column_names(data)
     if not names:
         raise InputError(f"{path}: no rows")

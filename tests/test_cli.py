@@ -91,7 +91,7 @@ def test_run_writes_the_contract(tiny_model, questions, tmp_path):
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
     assert table.column("id").to_pylist() == [q["id"] for q in QUESTIONS]
     assert table.column("question").to_pylist() == [q["question"] for q in QUESTIONS]
-    assert table.column("reference").to_pylist() == ["6000", "2500.0", "180", "0.75", "2000", "Paris", "90", "16.09344"]
+    assert table.column("reference").to_pylist() == ["6000", "2500", "180", "0.75", "2000", "Paris", "90", "16.09344"]
     assert table.column("sample").to_pylist() == [0] * 8
     assert table.column("error").to_pylist() == [None] * 8
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}

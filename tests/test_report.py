@@ -267,3 +267,31 @@ def test_an_unwritable_page_is_an_error_not_a_traceback(runs, tmp_path):
         result = CliRunner().invoke(cli, [*command, "-o", str(blocked / "page.html")])
         assert result.exit_code == 1
         assert result.output.startswith(f"Error: cannot write {blocked / 'page.html'}: ")
+
+
+def test_the_page_is_the_same_read_in_batches_of_two_rows_or_from_a_folder(runs, tmp_path, monkeypatch):
+    """The report streams each output by record batches: its figures, groups, histograms and listed
+    rows merge across batches (and across a folder output's files) to the very same page."""
+    from bulkscore.jobs import report as report_module
+
+    def page(*answers) -> str:
+        out = tmp_path / "page.html"
+        report(*answers, "-o", out)
+        return out.read_text()
+
+    whole = page(runs["chat"], runs["raw"])
+    monkeypatch.setattr(report_module, "BATCH_ROWS", 2)
+    assert page(runs["chat"], runs["raw"]) == whole
+
+    # The chat run as a folder output of three files, with its manifest and its summary beside it.
+    folder = tmp_path / "runs" / "chat"
+    folder.mkdir(parents=True)
+    table = pq.read_table(runs["chat"])
+    settings = json.loads(pq.ParquetFile(runs["chat"]).metadata.metadata[b"bulkscore.settings"])
+    for i, start in enumerate(range(0, table.num_rows, 4)):
+        pq.write_table(table.slice(start, 4), folder / f"part-{i:05d}.parquet")
+    (folder / "_manifest.json").write_text(json.dumps({"settings": settings}))
+    (folder.parent / "chat.summary.json").write_bytes(runs["chat"].with_suffix(".summary.json").read_bytes())
+    (tmp_path / "runs" / "raw.parquet").write_bytes(runs["raw"].read_bytes())
+    (tmp_path / "runs" / "raw.summary.json").write_bytes(runs["raw"].with_suffix(".summary.json").read_bytes())
+    assert page(folder, tmp_path / "runs" / "raw.parquet") == whole
