@@ -76,17 +76,30 @@ def read_text(path: Location) -> str:
 
 
 def read_jsonl(path: Location) -> pa.Table | list[dict]:
-    """pyarrow's JSON reader (columnar, ~10x faster than Python objects); where it refuses the file
-    or would read it otherwise than plain JSON does, the line-by-line reader, which also names the
-    line at fault (pyarrow would turn ISO dates into timestamps: the plain reader keeps them text)."""
-    try:
+    """pyarrow's JSON reader (columnar, ~10x faster than Python objects): block by block, so that the
+    file is never in memory beside its table; the whole file at once where a later block's types
+    differ from the first's. Where pyarrow refuses the file or would read it otherwise than plain
+    JSON does, the line-by-line reader, which also names the line at fault (pyarrow would turn ISO
+    dates into timestamps: the plain reader keeps them text)."""
+    options = pa_json.ReadOptions(block_size=JSON_BLOCK)
+
+    def streamed() -> pa.Table:
         with path.open_input() as stream:
-            table = pa_json.read_json(stream, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK))
-        if table.num_rows and not any(pa.types.is_timestamp(f.type) for f in table.schema):
-            table.validate(full=True)  # text that is not UTF-8 fails here
-            return table
-    except (pa.ArrowException, OSError):
-        pass
+            reader = pa_json.open_json(stream, read_options=options)
+            return pa.Table.from_batches(list(reader), reader.schema)
+
+    def whole() -> pa.Table:
+        with path.open_input() as stream:
+            return pa_json.read_json(stream, read_options=options)
+
+    for read in (streamed, whole):
+        try:
+            table = read()
+            if table.num_rows and not any(pa.types.is_timestamp(f.type) for f in table.schema):
+                table.validate(full=True)  # text that is not UTF-8 fails here
+                return table
+        except (pa.ArrowException, OSError):
+            continue
     return read_jsonl_rows(path)
 
 
@@ -208,11 +221,27 @@ def text_column(data: pa.Table | list[dict], name: str) -> pa.Array | pa.Chunked
         return column.cast(pa.string())
     if pa.types.is_boolean(kind) or pa.types.is_null(kind):
         return column.cast(pa.string())
+    if pa.types.is_floating(kind) and (text := float_text(column)) is not None:
+        return text
     pieces = [column.slice(i, TEXT_SLICE).to_pylist() for i in range(0, len(column), TEXT_SLICE)]
     return pa.chunked_array([pa.array([as_text(v) for v in piece], pa.string()) for piece in pieces], pa.string())
 
 
 TEXT_SLICE = 65_536
+
+
+def float_text(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """as_text of a float column in Arrow compute: whole numbers as integers, the rest as Arrow
+    writes them, which is Python's repr for 1e-4 <= |v| < 1e10 (checked on random values; outside
+    it Arrow switches to exponents at other places). None when a value lies outside (or is NaN)."""
+    values = column.cast(pa.float64())
+    size = pc.abs(values)
+    whole = pc.and_(pc.equal(pc.floor(values), values), pc.less(size, 1e16))
+    plain = pc.and_(pc.greater_equal(size, 1e-4), pc.less(size, 1e10))
+    if not pc.all(pc.or_(whole, plain)).as_py():  # nulls are skipped; False when any value is not covered
+        return None
+    integers = pc.if_else(whole, values, 0.0).cast(pa.int64()).cast(pa.string())
+    return pc.if_else(whole, integers, values.cast(pa.string()))
 
 
 def other_columns(path: Source, data: pa.Table | list[dict], names: list[str]) -> pa.Table:

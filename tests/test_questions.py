@@ -154,3 +154,23 @@ def test_other_columns_stack_row_for_row_across_inputs(tmp_path):
         InputError, match=r"mixed.jsonl: column 'level' mixes types \(e.g. numbers and text\); make it one type"
     ):
         load_questions([mixed])
+
+
+def test_jsonl_read_block_by_block_whatever_its_later_blocks_hold(tmp_path, monkeypatch):
+    """pyarrow reads JSONL block by block with the first block's types; a later block with a decimal
+    answer after whole ones, or a new column, is read whole instead, and gives what plain JSON does."""
+    from bulkscore.jobs import questions
+
+    monkeypatch.setattr(questions, "JSON_BLOCK", 4096)
+    plain = [{"question": f"q{i}?", "answer": i} for i in range(500)]
+    cases = {
+        "same.jsonl": plain,
+        "decimal.jsonl": plain + [{"question": "r?", "answer": 2.5}],
+        "column.jsonl": plain + [{"question": "s?", "answer": 3, "note": "late"}],
+    }
+    for name, rows in cases.items():
+        table = load_questions([write_jsonl(tmp_path / name, rows)])
+        assert table.column("reference").to_pylist() == [str(r["answer"]) for r in rows], name
+        assert table.column("question").to_pylist() == [r["question"] for r in rows], name
+    late = load_questions([tmp_path / "column.jsonl"])
+    assert late.column("note").to_pylist() == [None] * 500 + ["late"]
