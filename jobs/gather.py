@@ -125,11 +125,6 @@ class Tally:
         }
 
 
-def row_figures(table: pa.Table) -> dict:
-    """Tally.figures of one table."""
-    return Tally().add(table).figures()
-
-
 def rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 

@@ -62,9 +62,6 @@ class PartStore:
     def write(self, shard: Shard, table: pa.Table) -> None:
         self.folder.child(part_name(shard)).write_table(table)
 
-    def read(self, plan: Sequence[Shard]) -> pa.Table:
-        return pa.concat_tables(self.parts(plan))
-
     def parts(self, plan: Sequence[Shard]) -> Iterator[pa.Table]:
         """The parts in input order, read one at a time."""
         for shard in plan:

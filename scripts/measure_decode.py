@@ -30,7 +30,7 @@ def main() -> None:
 
     import torch
 
-    from bulkscore.jobs.questions import bundled_questions, read_jsonl
+    from bulkscore.jobs.questions import bundled_questions, load_questions
     from bulkscore.jobs.settings import prompt_settings
     from bulkscore.workers.contract import GenerationSettings, ModelSpec
     from bulkscore.workers.generation import Request, generate, trim_completion
@@ -39,7 +39,7 @@ def main() -> None:
 
     lm = load_model(ModelSpec("embedded", "embedded", args.dtype, "cpu"))
     settings = prompt_settings(args.format, None, None)
-    questions = [row["question"] for row in read_jsonl(bundled_questions())[: args.rows]]
+    questions = load_questions([bundled_questions()], limit=args.rows).column("question").to_pylist()
     prompts = encode_texts(lm.tokenizer, [format_prompt(lm.tokenizer, q, settings) for q in questions], settings)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens)
 
