@@ -81,17 +81,21 @@ class Tally:
         self.losses = {name: [0.0, 0] for name in self.LOSSES}  # name -> [sum, how many]
         self.error_kinds: Counter = Counter()
 
-    def add(self, table: pa.Table) -> Tally:
-        errors = table.column("error")
-        added = {
-            "samples": table.num_rows,
-            "errors": count(pc.is_valid(errors)),
-            "answered": count(pc.is_valid(table.column("answer_text"))),
-            "correct": count(pc.fill_null(table.column("is_correct"), False)),
-            "with_reference": count(pc.is_valid(table.column("reference"))),
-            "prompt_tokens": count(table.column("num_prompt_tokens")),
-            "completion_tokens": count(table.column("num_completion_tokens")),
+    @staticmethod
+    def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
+        """What each row adds to the counts besides itself (`samples`): 0/1 flags and token counts.
+        The one definition of what is counted, for whole tables and for groups of rows alike."""
+        flags = {
+            "errors": pc.is_valid(table.column("error")),
+            "answered": pc.is_valid(table.column("answer_text")),
+            "correct": pc.fill_null(table.column("is_correct"), False),
+            "with_reference": pc.is_valid(table.column("reference")),
         }
+        tokens = {name: table.column("num_" + name) for name in ("prompt_tokens", "completion_tokens")}
+        return {name: column.cast(pa.int64()) for name, column in (flags | tokens).items()}
+
+    def add(self, table: pa.Table) -> Tally:
+        added = {"samples": table.num_rows} | {name: count(c) for name, c in self.per_row(table).items()}
         losses = {
             name: (pc.sum(table.column(name)).as_py() or 0.0, count(pc.is_valid(table.column(name))))
             for name in self.LOSSES
@@ -99,7 +103,7 @@ class Tally:
         }
         self.merge(added, losses)
         if added["errors"]:
-            self.error_kinds.update(error_kind(e) for e in errors.drop_null().to_pylist())
+            self.error_kinds.update(error_kind(e) for e in table.column("error").drop_null().to_pylist())
         return self
 
     def merge(self, counts: dict[str, int], losses: dict[str, tuple[float, int]]) -> None:

@@ -283,15 +283,7 @@ def add_groups(groups: dict[str, Tally], batch: pa.Table, by: str) -> None:
     """Each --by value's figures over this batch, added to `groups`: one Arrow group-by, however
     many values the column has."""
     loss = batch.column("loss")
-    flags = {
-        "errors": pc.is_valid(batch.column("error")),
-        "answered": pc.is_valid(batch.column("answer_text")),
-        "correct": pc.fill_null(batch.column("is_correct"), False),
-        "with_reference": pc.is_valid(batch.column("reference")),
-        "loss_n": pc.is_valid(loss),
-    }
-    sums = {name: column.cast(pa.int64()) for name, column in flags.items()}
-    sums |= {name: batch.column("num_" + name).cast(pa.int64()) for name in ("prompt_tokens", "completion_tokens")}
+    sums = Tally.per_row(batch) | {"loss_n": pc.is_valid(loss).cast(pa.int64())}
     table = pa.table({"key": group_keys(batch.column(by)), "loss": loss, **sums})
     found = table.group_by("key", use_threads=False).aggregate(
         [("key", "count"), ("loss", "sum")] + [(name, "sum") for name in sums]
