@@ -25,7 +25,6 @@ from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_question
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
 from bulkscore.jobs.settings import JobSpec, check_remote_code, prompt_settings, resolve_adapter, resolve_model
-from bulkscore.jobs.shards import DEFAULT_SHARD_SIZE
 from bulkscore.jobs.storage import Location, locate
 from bulkscore.workers.contract import (
     DEFAULT_ANSWER_REGEX,
@@ -93,7 +92,7 @@ def run(
     workers: int | None = None,
     cpus_per_worker: float | None = None,
     gpus_per_worker: float | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | str = "auto",
     batch_size: int | str = "auto",
     quiet: bool = False,
     say: Callable[[str], None] | None = None,
@@ -119,7 +118,8 @@ def run(
     started = time.perf_counter()
     say = say or ((lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr)))
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    batch = check_batch_size(batch_size)
+    batch = check_auto_or_whole("--batch-size", batch_size)
+    shard_size = check_auto_or_whole("--shard-size", shard_size)
     check_run(locals())
     examples_path = Path(examples) if examples is not None else None
     location = locate(str(output)) if output is not None else None
@@ -174,15 +174,16 @@ def question_sources(inputs) -> list[Source]:
     )
 
 
-def check_batch_size(value: int | str | None) -> int | None:
+def check_auto_or_whole(name: str, value: int | str | None) -> int | None:
+    """An option that takes 'auto' (None) or a whole number of at least 1."""
     if value in ("auto", None):
         return None
     if isinstance(value, str) and value.lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise UsageError("--batch-size", f"{value!r} is not 'auto' or a whole number")
+        raise UsageError(name, f"{value!r} is not 'auto' or a whole number")
     if value < 1:
-        raise UsageError("--batch-size", "must be at least 1")
+        raise UsageError(name, "must be at least 1")
     return value
 
 
@@ -210,7 +211,6 @@ OPTION_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("workers", lambda v: v is None or is_whole(v, 1), "a whole number of at least 1"),
     ("cpus_per_worker", lambda v: v is None or (is_number(v) and v > 0), "a number above 0"),
     ("gpus_per_worker", lambda v: v is None or (is_number(v) and v >= 0), "a number of at least 0"),
-    ("shard_size", lambda v: is_whole(v, 1), "a whole number of at least 1"),
 )
 
 

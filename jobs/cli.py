@@ -41,12 +41,14 @@ def default(name: str):
     return RUN_DEFAULTS[name]
 
 
-class BatchSize(click.ParamType):
+class AutoOrWhole(click.ParamType):
+    """'auto' or a whole number of at least 1, checked as bulkscore.run checks it."""
+
     name = "auto|N"
 
     def convert(self, value, param, ctx):
         try:
-            return api.check_batch_size(value)
+            return api.check_auto_or_whole(param.opts[0] if param else "value", value)
         except UsageError as error:
             self.fail(error.problem, param, ctx)
 
@@ -153,14 +155,15 @@ def cli() -> None:
 )
 @click.option(
     "--shard-size",
-    type=click.IntRange(min=1),
+    type=AutoOrWhole(),
     default=default("shard_size"),
     show_default=True,
-    help="Rows per shard (the unit of checkpointing and scheduling).",
+    help="Rows per shard (the unit of checkpointing and scheduling); auto: 64, or more for big jobs "
+    "(at most ~512 shards).",
 )
 @click.option(
     "--batch-size",
-    type=BatchSize(),
+    type=AutoOrWhole(),
     default=default("batch_size"),
     show_default=True,
     help="Rows decoded at once per worker, at most one tile of 64; results do not depend on it.",

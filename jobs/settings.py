@@ -23,7 +23,7 @@ class JobSpec:
     output: Location | None  # None: in memory, nothing written
     model: ModelSpec
     scoring: ScoringSettings
-    shard_size: int
+    shard_size: int | None  # None: auto (shards.auto_shard_size)
     limit: int | None
 
     def settings(self) -> dict:

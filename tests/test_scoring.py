@@ -51,9 +51,9 @@ def task(questions: list[dict], start: int = 0) -> ShardTask:
     return ShardTask(0, start, start + len(questions), rows)
 
 
-def settings(**generation) -> ScoringSettings:
+def settings(prompt: str = "chat", **generation) -> ScoringSettings:
     return ScoringSettings(
-        PromptSettings("chat"), GenerationSettings(**({"max_new_tokens": 12} | generation)), GradingSettings()
+        PromptSettings(prompt), GenerationSettings(**({"max_new_tokens": 12} | generation)), GradingSettings()
     )
 
 
@@ -105,6 +105,42 @@ def test_reference_loss_reuses_the_prompt_cache(lm, monkeypatch):
     rows = score_shard(lm, task(QUESTIONS), settings()).to_pylist()
     assert scored == [len(QUESTIONS), 0]  # question + completion; no reference left to score
     assert all(r["reference_loss"] is not None for r in rows)
+
+
+def test_raw_loss_comes_from_generation_and_equals_the_pass(lm, monkeypatch):
+    """Raw prompts: question + completion is the sequence generation ran, so `loss` comes from the
+    prefill's and the decode's own logits and takes no pass of its own, except for rows whose text
+    tokenizes otherwise at the seam. Both ways, and HF's own loss, agree."""
+    real, scored = Engine.span_nll, []
+
+    def recording(engine, sequences, starts, **prefixed):
+        scored.append(len(sequences))
+        return real(engine, sequences, starts, **prefixed)
+
+    monkeypatch.setattr(Engine, "span_nll", recording)
+    folded = score_shard(lm, task(QUESTIONS), settings("raw")).to_pylist()
+    assert scored[0] < len(QUESTIONS) // 2  # most rows' loss took no pass
+    plain = Engine(lm, GenerationSettings(max_new_tokens=12))  # score_prompts off: every loss by a pass
+    passed = score_shard(lm, task(QUESTIONS), settings("raw"), plain).to_pylist()
+    assert scored[-2] == len(QUESTIONS)
+    for q, a, b in zip(QUESTIONS, folded, passed):
+        assert a["completion"] == b["completion"] and a["completion_loss"] == b["completion_loss"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        ids = torch.tensor([lm.tokenizer(q["question"] + a["completion"])["input_ids"]])
+        with torch.inference_mode():
+            assert a["loss"] == pytest.approx(lm.model(input_ids=ids, labels=ids).loss.item(), abs=1e-4)
+
+
+def test_small_models_get_wider_tiles():
+    """Under a million parameters a call's arithmetic costs less than its Python: up to 8x the rows."""
+    from bulkscore.workers.models import tile_scale
+    from bulkscore.workers.tiles import tile_rows
+
+    def scale(parameters: int) -> int:
+        return tile_scale(torch.nn.Linear(parameters, 1, bias=False))
+
+    assert [scale(n) for n in (20_000, 131_072, 300_000, 600_000, 2**20, 135_000_000)] == [8, 8, 2, 1, 1, 1]
+    assert [tile_rows(64, 128, 8), tile_rows(16, 1024, 8), tile_rows(64, 65536, 8)] == [512, 128, 8]
 
 
 def chat_requests(lm, questions=QUESTIONS, reference=" 42"):
@@ -274,12 +310,15 @@ def test_a_row_meets_the_same_shapes_alone_in_a_batch_or_in_any_shard(lm):
 RESULTS = ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss")
 
 
-def test_greedy_results_do_not_depend_on_batch_size_or_shard(any_lm):
-    """Bitwise: the same completions and the same three losses, to the last bit."""
-    one = score_shard(any_lm, task(QUESTIONS), settings(batch_size=1)).to_pydict()
-    eight = score_shard(any_lm, task(QUESTIONS), settings(batch_size=8)).to_pydict()
-    auto = score_shard(any_lm, task(QUESTIONS), settings()).to_pydict()
-    tail = score_shard(any_lm, task(QUESTIONS[5:], start=5), settings(batch_size=2)).to_pydict()
+@pytest.mark.parametrize("prompt, scale", [("chat", 1), ("raw", 1), ("raw", 2)])
+def test_greedy_results_do_not_depend_on_batch_size_or_shard(any_lm, prompt, scale):
+    """Bitwise: the same completions and the same three losses, to the last bit; with raw prompts
+    (whose `loss` comes from generation) and on tiles scaled as a small model's are."""
+    any_lm = dataclasses.replace(any_lm, tile_scale=scale)
+    one = score_shard(any_lm, task(QUESTIONS), settings(prompt, batch_size=1)).to_pydict()
+    eight = score_shard(any_lm, task(QUESTIONS), settings(prompt, batch_size=8)).to_pydict()
+    auto = score_shard(any_lm, task(QUESTIONS), settings(prompt)).to_pydict()
+    tail = score_shard(any_lm, task(QUESTIONS[5:], start=5), settings(prompt, batch_size=2)).to_pydict()
     assert len(set(one["completion"])) > 1 and None not in one["loss"]
     for column in RESULTS:
         assert one[column] == eight[column] == auto[column], column

@@ -9,7 +9,7 @@ import pytest
 
 from bulkscore.jobs.cluster import ray_session
 from bulkscore.jobs.errors import JobError
-from bulkscore.jobs.shards import Shard, plan_shards
+from bulkscore.jobs.shards import Shard, auto_shard_size, plan_shards
 from bulkscore.workers.answers import grade, is_close, parse_answer, parse_number
 from bulkscore.workers.contract import DEFAULT_ANSWER_REGEX
 from bulkscore.workers.tiles import cache_length, chunks, tile_rows
@@ -19,6 +19,13 @@ def test_shards_are_contiguous_and_cover_every_row():
     assert plan_shards(10, 4) == [Shard(0, 0, 4), Shard(1, 4, 8), Shard(2, 8, 10)]
     assert plan_shards(0, 4) == []
     assert plan_shards(3, 64) == [Shard(0, 0, 3)]
+
+
+def test_auto_shards_grow_with_the_job_to_at_most_512():
+    sizes = {rows: auto_shard_size(rows) for rows in (1, 32_768, 32_769, 100_000, 10**6, 10**7, 10**9)}
+    assert sizes == {1: 64, 32_768: 64, 32_769: 128, 100_000: 256, 10**6: 2048, 10**7: 16384, 10**9: 16384}
+    assert all(-(-rows // size) <= 512 for rows, size in sizes.items() if size < 16384)
+    assert plan_shards(100_000, None) == plan_shards(100_000, 256)  # None: auto
 
 
 def test_a_rows_chunks_and_cache_length_come_from_its_own_length():

@@ -53,6 +53,8 @@ class Generated:
     finish_reason: str  # "stop" | "length"
     nll: float | None = None  # mean NLL of token_ids given the prompt, from generation's own logits
     continuation_nll: float | None = None  # mean NLL of the request's continuation after the prompt
+    token_nlls: tuple[float, ...] = ()  # each of token_ids' NLL (their mean is `nll`)
+    prompt_nlls: tuple[float, ...] | None = None  # prompt tokens 1.. each given those before (score_prompts)
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:
@@ -173,6 +175,7 @@ class Running:
     pending: Pending
     generator: torch.Generator | None
     continuation_nll: float | None
+    prompt_nlls: tuple[float, ...] | None
     tokens: list[int] = field(default_factory=list)
     nlls: list[float] = field(default_factory=list)
 
@@ -180,10 +183,12 @@ class Running:
 class Decoder:
     """One cache length's rows: a decode tile whose free slots are refilled from a prefill tile."""
 
-    def __init__(self, lm: LoadedModel, length: int, settings: GenerationSettings, prefix: SharedPrefix) -> None:
-        self.lm, self.settings, self.prefix = lm, settings, prefix
-        self.decode = Tile(lm, tile_rows(DECODE_ROWS, length), length, 1)
-        self.prefill = Tile(lm, tile_rows(PREFILL_ROWS, length), length, CHUNK)
+    def __init__(
+        self, lm: LoadedModel, length: int, settings: GenerationSettings, prefix: SharedPrefix, score_prompts: bool
+    ) -> None:
+        self.lm, self.settings, self.prefix, self.score_prompts = lm, settings, prefix, score_prompts
+        self.decode = Tile(lm, tile_rows(DECODE_ROWS, length, lm.tile_scale), length, 1)
+        self.prefill = Tile(lm, tile_rows(PREFILL_ROWS, length, lm.tile_scale), length, CHUNK)
         # --batch-size: how many slots are used; the tile's shape stays the same.
         self.in_flight = min(self.decode.rows, settings.batch_size or self.decode.rows)
         self.waiting: deque[Pending] = deque()
@@ -231,25 +236,33 @@ class Decoder:
             self.admit(wave, free, keys)
 
     def admit(self, wave: list[Pending], free: list[int], keys: dict[tuple, int]) -> None:
-        rows = {}
+        rows, scored_prompts = {}, set()
         for (prompt, _), row in keys.items():
             shared = self.prefix.length_for(prompt)
             if shared:
                 self.prefix.copy_into(self.prefill, row)
+            elif self.score_prompts:
+                scored_prompts.add(row)
             rows[row] = (prompt[shared:], shared)
-        first, _ = feed_rows(self.prefill, rows)  # [Rp, V]: each prompt's next-token logits
+        # With score_prompts, every prefill call yields all its logits (whichever rows it holds), and
+        # each prompt's tokens after the first get their NLLs; the last token's target is a stand-in.
+        targets = {row: tuple(tokens[1:]) + (0,) for row, (tokens, _) in rows.items()} if self.score_prompts else None
+        first, prompt_nlls = feed_rows(self.prefill, rows, targets)  # [Rp, V]: each prompt's next-token logits
         if self.logits is None:
             self.logits = torch.zeros((self.decode.rows, first.shape[-1]), device=first.device)
         scored = self.score_continuations(keys, first)
-        for pending, slot in zip(wave, free):
+        slots = free[: len(wave)]
+        rows_of = [keys[(pending.request.prompt, pending.request.continuation)] for pending in wave]
+        longest = max(len(pending.request.prompt) for pending in wave)
+        self.decode.cache.take(slots, self.prefill.cache, rows_of, longest)
+        self.logits[slots] = first[rows_of]
+        for pending, slot, row in zip(wave, slots, rows_of):
             request = pending.request
-            row = keys[(request.prompt, request.continuation)]
-            self.decode.cache.take(slot, self.prefill.cache, row, len(request.prompt))
-            self.logits[slot] = first[row]
             generator = None
             if not self.settings.greedy:
                 generator = torch.Generator(device=self.lm.device).manual_seed(request.seed)
-            self.slots[slot] = Running(pending, generator, scored.get(row))
+            nlls = tuple(prompt_nlls[row][:-1]) if row in scored_prompts else None
+            self.slots[slot] = Running(pending, generator, scored.get(row), nlls)
 
     def score_continuations(self, keys: dict[tuple, int], first: torch.Tensor) -> dict[int, float]:
         """Mean NLL of each continuation after its prompt: the prompt's last logits score its first
@@ -297,7 +310,13 @@ class Decoder:
         g = trim_completion(run.tokens, self.lm, self.settings)
         kept = run.nlls[: len(g.token_ids)]
         return Generated(
-            g.token_ids, g.text, g.finish_reason, sum(kept) / len(kept) if kept else None, run.continuation_nll
+            g.token_ids,
+            g.text,
+            g.finish_reason,
+            sum(kept) / len(kept) if kept else None,
+            run.continuation_nll,
+            tuple(kept),
+            run.prompt_nlls,
         )
 
     def step(self) -> None:
@@ -318,8 +337,12 @@ class Engine:
     Callers add their requests and wait for their results.
     """
 
-    def __init__(self, lm: LoadedModel, settings: GenerationSettings, prefix: Sequence[int] = ()) -> None:
-        self.lm, self.settings = lm, settings
+    def __init__(
+        self, lm: LoadedModel, settings: GenerationSettings, prefix: Sequence[int] = (), score_prompts: bool = False
+    ) -> None:
+        """`score_prompts`: each result also gets its prompt's own NLLs (Generated.prompt_nlls), from the
+        prefill's logits, for prompts that do not start with `prefix`."""
+        self.lm, self.settings, self.score_prompts = lm, settings, score_prompts
         self.prefix = SharedPrefix(lm, prefix)
         self.decoders: dict[int, Decoder] = {}  # cache length -> its tiles
         self.condition = threading.Condition()  # guards decoders' queues and `driving`
@@ -342,7 +365,7 @@ class Engine:
                 need = len(request.prompt) + max(self.settings.max_new_tokens, len(request.continuation or ()))
                 length = cache_length(need)
                 if length not in self.decoders:
-                    self.decoders[length] = Decoder(self.lm, length, self.settings, self.prefix)
+                    self.decoders[length] = Decoder(self.lm, length, self.settings, self.prefix, self.score_prompts)
                 self.decoders[length].waiting.append(Pending(request, batch, i))
             if not self.driving:
                 self.driving = True
@@ -403,8 +426,12 @@ class Engine:
 
 
 def generate(
-    lm: LoadedModel, requests: Sequence[Request], settings: GenerationSettings, prefix: Sequence[int] = ()
+    lm: LoadedModel,
+    requests: Sequence[Request],
+    settings: GenerationSettings,
+    prefix: Sequence[int] = (),
+    score_prompts: bool = False,
 ) -> list[Generated]:
     """One Generated per request, each as it would be alone. `prefix`: the tokens every prompt of the
-    job starts with (prompts.shared_start), computed once and shared."""
-    return Engine(lm, settings, prefix).generate(requests)
+    job starts with (prompts.shared_start), computed once and shared; `score_prompts`: as Engine's."""
+    return Engine(lm, settings, prefix, score_prompts).generate(requests)

@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 import torch
 
 from bulkscore.workers.models import LoadedModel
-from bulkscore.workers.tiles import CHUNK, PREFILL_ROWS, SharedPrefix, Tile, cache_length, chunks, tile_rows
+from bulkscore.workers.tiles import (
+    CHUNK,
+    PREFILL_ROWS,
+    SharedPrefix,
+    Tile,
+    cache_length,
+    chunks,
+    right_aligned,
+    tile_rows,
+)
 
 
 @dataclass
@@ -58,7 +67,7 @@ def span_nll(
         if max(start, 1) < len(sequence):
             by_length[cache_length(len(sequence))].append(i)
     for length, members in sorted(by_length.items()):
-        tile = Tile(lm, tile_rows(PREFILL_ROWS, length), length, CHUNK)
+        tile = Tile(lm, tile_rows(PREFILL_ROWS, length, lm.tile_scale), length, CHUNK)
         waiting = deque(sorted(members, key=lambda i: (-len(sequences[i]), i)))
         rows: list[Scoring | None] = [None] * tile.rows
         while waiting or any(rows):
@@ -67,11 +76,7 @@ def span_nll(
                     i = waiting.popleft()
                     rows[row] = start_scoring(tile, row, shared, i, sequences[i], starts[i])
             feeds = [run.pieces[run.fed] if run else None for run in rows]
-            targets = torch.zeros((tile.rows, tile.width), dtype=torch.long)
-            for row, run in enumerate(rows):
-                if run is not None:
-                    wanted = run.targets[run.fed][0]
-                    targets[row, tile.width - len(wanted) :] = torch.tensor(wanted, dtype=torch.long)
+            targets, _ = right_aligned([run and run.targets[run.fed][0] for run in rows], tile.rows, tile.width, 0)
             logits = tile.forward(feeds, last_only=False)  # [R, W, V]
             nll = -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]  # [R, W]
             for row, run in enumerate(rows):

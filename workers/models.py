@@ -30,6 +30,7 @@ class LoadedModel:
     load_s: float
     cache_argument: str = "cache"  # the forward's name for the KV cache (transformers < 5: past_key_values)
     keeps_logits: bool = True  # the forward takes logits_to_keep (logits of the last positions only)
+    tile_scale: int = 1  # its tiles have this many times the rows of workers.tiles' (tile_scale())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -112,6 +113,23 @@ def kernels_pinned(device: torch.device) -> bool:
     return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 
 
+SMALL_MODEL = 2**20  # parameters: below this, a call's own Python costs more than its arithmetic
+MAX_TILE_SCALE = 8
+
+
+def tile_scale(model: torch.nn.Module) -> int:
+    """How many times the tiles' usual rows this model's calls take: 1 for any model of a million
+    parameters or more, up to MAX_TILE_SCALE (a power of two) for smaller ones. A 64-row decode call
+    of a 20,000-parameter model does ~1 M multiply-adds, far less than the ~1 ms of Python every call
+    costs, so such a model's rate is set by its number of calls. The scale depends on the model
+    alone, so its tiles are as fixed as any other's."""
+    parameters = sum(p.numel() for p in model.parameters())
+    scale = 1
+    while scale < MAX_TILE_SCALE and parameters * scale * 2 <= SMALL_MODEL:
+        scale *= 2
+    return scale
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     pin_kernels()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,4 +161,5 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         load_s=time.perf_counter() - started,
         cache_argument="cache" if "cache" in forward else "past_key_values",
         keeps_logits="logits_to_keep" in forward,
+        tile_scale=tile_scale(model),
     )

@@ -128,6 +128,20 @@ def generate_items(engine: Engine, items: Sequence[Item], settings: ScoringSetti
             item.generated = result
 
 
+def generated_loss(item: Item, sequence: Sequence[int]) -> float | None:
+    """The mean NLL of `sequence` (question + completion, tokenized) from generation's own NLLs, when
+    it is the prompt's tokens followed by the completion's first ones (the text leaves out a final
+    end-of-sequence) and the prompt's NLLs were kept (Engine's score_prompts); else None."""
+    generated, prompt = item.generated, item.prompt_ids
+    n = len(sequence) - len(prompt)
+    if generated.prompt_nlls is None or not 0 <= n <= len(generated.token_ids) or len(sequence) < 2:
+        return None
+    if list(sequence) != prompt + list(generated.token_ids[:n]):
+        return None
+    values = generated.prompt_nlls + generated.token_nlls[:n]
+    return sum(values) / len(values)
+
+
 def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
     """(loss, completion_loss, reference_loss) per item, as the output contract defines them.
 
@@ -137,10 +151,14 @@ def item_losses(engine: Engine, items: Sequence[Item]) -> list[tuple]:
     """
     if not items:
         return []
-    # loss: question + completion as plain text, with the tokenizer's own special tokens.
+    # loss: question + completion as plain text, with the tokenizer's own special tokens. Where that
+    # is the very sequence generation ran (raw prompts), generation's own NLLs give it.
     with engine.tokenizer:
         whole = engine.lm.tokenizer([item.question + item.generated.text for item in items])["input_ids"]
-    losses = engine.span_nll(whole, [1] * len(items))
+    losses = [generated_loss(item, sequence) for item, sequence in zip(items, whole)]
+    rest = [i for i, loss in enumerate(losses) if loss is None]
+    for i, loss in zip(rest, engine.span_nll([whole[i] for i in rest], [1] * len(rest))):
+        losses[i] = loss
     # reference_loss: prompt + reference tokenized together, scored after the prompt's tokens;
     # mostly done during generation, from the prompt's cache.
     by_item = {
@@ -196,7 +214,10 @@ def result_table(items: Sequence[Item], losses: dict[int, tuple], settings: Scor
 
 def shard_engine(lm: LoadedModel, settings: ScoringSettings) -> Engine:
     """The generation engine for a job's shards on this model: one per worker, shared by its shards."""
-    return Engine(lm, settings.generation, shared_start(lm.tokenizer, settings.prompt))
+    # Raw prompts are the question itself: question + completion, the `loss` text, is what generation
+    # runs, so its prefill keeps the prompts' NLLs (item_losses).
+    raw = settings.prompt.format == "raw"
+    return Engine(lm, settings.generation, shared_start(lm.tokenizer, settings.prompt), score_prompts=raw)
 
 
 def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings, engine: Engine | None = None) -> pa.Table:

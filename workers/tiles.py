@@ -43,8 +43,10 @@ def cache_length(need: int) -> int:
     return length
 
 
-def tile_rows(widest: int, length: int) -> int:
-    return max(1, min(widest, TILE_POSITIONS // length))
+def tile_rows(widest: int, length: int, scale: int = 1) -> int:
+    """Rows of a tile over `length` positions: `widest` for short rows, fewer for long ones (at most
+    TILE_POSITIONS positions in all), each times the model's `scale` (models.tile_scale)."""
+    return max(1, min(widest, TILE_POSITIONS // length)) * scale
 
 
 class SlotCache:
@@ -76,12 +78,15 @@ class SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly
 
-    def take(self, row: int, source: SlotCache, source_row: int, count: int) -> None:
-        """Copy positions 0..count-1 of another cache's row into this cache's `row`."""
+    def take(self, rows: Sequence[int], source: SlotCache, source_rows: Sequence[int], count: int) -> None:
+        """Copy positions 0..count-1 of another cache's rows into this cache's `rows`, one copy per
+        layer for them all. (Past a row's own length a copy carries stale keys and values, which no
+        token attends to: decoding writes each place before any token can see it.)"""
+        to, of = torch.tensor(rows), torch.tensor(source_rows)
         for layer, (key, value) in enumerate(zip(source.keys, source.values)):
             self._allocate(layer, key, value)
-            self.keys[layer][row, :, :count] = key[source_row, :, :count]
-            self.values[layer][row, :, :count] = value[source_row, :, :count]
+            self.keys[layer][to, :, :count] = key[of, :, :count]
+            self.values[layer][to, :, :count] = value[of, :, :count]
 
 
 class Tile:
@@ -99,17 +104,11 @@ class Tile:
 
         Returns float32 logits: [rows, vocab] of the last column if `last_only`, else [rows, width, vocab].
         """
-        rows, width, device = self.rows, self.width, self.lm.device
-        ids = torch.full((rows, width), self.lm.pad_token_id, dtype=torch.long)
-        position = torch.zeros((rows, width), dtype=torch.long)
-        real = torch.zeros((rows, width), dtype=torch.bool)
-        for r, feed in enumerate(feeds):
-            if feed is not None:
-                tokens, first = feed
-                n = len(tokens)
-                ids[r, width - n :] = torch.tensor(tokens, dtype=torch.long)
-                position[r, width - n :] = torch.arange(first, first + n)
-                real[r, width - n :] = True
+        device = self.lm.device
+        ids, real = right_aligned([feed and feed[0] for feed in feeds], self.rows, self.width, self.lm.pad_token_id)
+        firsts = torch.tensor([feed[1] - (self.width - len(feed[0])) if feed else 0 for feed in feeds])
+        firsts = torch.nn.functional.pad(firsts, (0, self.rows - len(feeds)))
+        position = torch.where(real, firsts[:, None] + torch.arange(self.width), 0)  # [R, W]
         ids, position, real = ids.to(device), position.to(device), real.to(device)
         self.cache.writes = torch.where(real, position, self.scratch)  # [R, W]
         self.cache.row_index = self.cache.row_index.to(device)
@@ -124,6 +123,19 @@ class Tile:
             input_ids=ids, position_ids=position, attention_mask=mask, use_cache=True, **kwargs
         ).logits  # [R, 1 or W, V]
         return logits[:, -1].float() if last_only else logits.float()
+
+
+def right_aligned(
+    lists: Sequence[Sequence[int] | None], rows: int, width: int, fill: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, width] tensor with lists[r] in the last columns of row r and `fill` elsewhere (rows past
+    len(lists), and None, are all fill), and the [rows, width] mask of the places the lists fill.
+    One tensor is built for all rows: no per-row tensor."""
+    counts = torch.tensor([len(x) if x else 0 for x in lists] + [0] * (rows - len(lists)))
+    real = torch.arange(width) >= width - counts[:, None]  # row-major order = each list's order
+    out = torch.full((rows, width), fill, dtype=torch.long)
+    out[real] = torch.tensor([t for x in lists if x for t in x], dtype=torch.long)
+    return out, real
 
 
 def chunks(tokens: Sequence[int], first: int, width: int) -> list[tuple[Sequence[int], int]]:
@@ -153,14 +165,14 @@ def feed_rows(
     nlls: dict[int, list[float]] = {r: [] for r in wanted}
     for call in range(calls):
         feeds: list[tuple[Sequence[int], int] | None] = [None] * tile.rows
-        target_ids = torch.zeros((tile.rows, tile.width), dtype=torch.long)
+        wanted_ids: list[Sequence[int] | None] = [None] * tile.rows
         for r, row_pieces in pieces.items():
             k = call - (calls - len(row_pieces))
             if k >= 0:
                 feeds[r] = row_pieces[k]
                 if wanted:
-                    row_targets = wanted[r][k][0]
-                    target_ids[r, tile.width - len(row_targets) :] = torch.tensor(row_targets, dtype=torch.long)
+                    wanted_ids[r] = wanted[r][k][0]
+        target_ids = right_aligned(wanted_ids, tile.rows, tile.width, 0)[0]
         logits = tile.forward(feeds, last_only=not wanted)  # [R, V] or [R, W, V]
         if wanted:
             nll = -torch.log_softmax(logits, dim=-1).gather(2, target_ids.to(logits.device)[..., None])  # [R, W, 1]
@@ -196,4 +208,4 @@ class SharedPrefix:
         if self.tile is None:
             self.tile = Tile(self.lm, 1, len(self.tokens), len(self.tokens))
             self.tile.forward([(self.tokens, 0)], last_only=True)
-        tile.cache.take(row, self.tile.cache, 0, len(self.tokens))
+        tile.cache.take([row], self.tile.cache, [0], len(self.tokens))
