@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q -y
 
-.PHONY: run test bench install browser clean
+.PHONY: run test bench bench-scale install browser clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ test: install browser
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# bulkscore's own cost: a near-zero model, 10^4..10^6 rows (scripts/bench_scale.py; README "At scale").
+SCALE_ARGS ?= -- --workers 2 --cpus-per-worker 1
+bench-scale: install
+	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) answers.parquet answers.summary.json answers.parquet.parts
