@@ -24,6 +24,7 @@ from bulkscore.jobs.gather import read_output
 from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
+from bulkscore.jobs.schedule import DEFAULT_HANG_TIMEOUT_S, DEFAULT_PLACEMENT_TIMEOUT_S, Patience
 from bulkscore.jobs.settings import JobSpec, check_remote_code, prompt_settings, resolve_adapter, resolve_model
 from bulkscore.jobs.storage import Location, locate
 from bulkscore.workers.contract import (
@@ -94,6 +95,8 @@ def run(
     gpus_per_worker: float | None = None,
     shard_size: int | str = "auto",
     batch_size: int | str = "auto",
+    placement_timeout: float = DEFAULT_PLACEMENT_TIMEOUT_S,
+    hang_timeout: float = DEFAULT_HANG_TIMEOUT_S,
     quiet: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> Result:
@@ -142,7 +145,8 @@ def run(
         sources or [bundled_questions()], Columns(question_column, answer_column, id_column), limit
     )
     say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
-    options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet)
+    patience = Patience(placement_timeout, hang_timeout)
+    options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet, patience)
     report = run_job(spec, questions, options, say)
     return Result(report.summary, report.already_finished, location, report.table)
 
@@ -211,6 +215,8 @@ OPTION_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("workers", lambda v: v is None or is_whole(v, 1), "a whole number of at least 1"),
     ("cpus_per_worker", lambda v: v is None or (is_number(v) and v > 0), "a number above 0"),
     ("gpus_per_worker", lambda v: v is None or (is_number(v) and v >= 0), "a number of at least 0"),
+    ("placement_timeout", lambda v: is_number(v) and v > 0, "a number of seconds above 0"),
+    ("hang_timeout", lambda v: is_number(v) and v > 0, "a number of seconds above 0"),
 )
 
 

@@ -168,6 +168,22 @@ def cli() -> None:
     show_default=True,
     help="Rows decoded at once per worker, at most one tile of 64; results do not depend on it.",
 )
+@click.option(
+    "--placement-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=default("placement_timeout"),
+    show_default=True,
+    help="Seconds with no worker placed at all (the cluster has no room) before the job stops; "
+    "finished shards are kept for a resume.",
+)
+@click.option(
+    "--hang-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=default("hang_timeout"),
+    show_default=True,
+    help="Seconds a busy worker may go without finishing a model call before it counts as hung "
+    "(killed, its shards run again).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary still prints.")
 def run(inputs, output, **options):
     """Score INPUTS (JSONL, JSON or Parquet; none: the bundled unit-conversion set).

@@ -45,12 +45,16 @@ def bind_to_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def use_token_if_present() -> None:
-    """Ray's clients send the cluster token only with RAY_AUTH_MODE=token; turn it on when one exists."""
-    if "RAY_AUTH_MODE" not in os.environ and (
-        os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
-    ):
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def use_token_if_present() -> bool:
+    """Ray's clients send the cluster token only with RAY_AUTH_MODE=token; turn it on when one exists.
+    Returns whether it was turned on here (a guess: the cluster may not use tokens)."""
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or TOKEN_FILE.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
 
 
 @contextmanager
@@ -115,3 +119,45 @@ def plan_pool(
             f"{total_cpus:g} CPU and {total_gpus:g} GPU; lower --workers, --cpus-per-worker or --gpus-per-worker"
         )
     return PoolPlan(workers, cpus, gpus)
+
+
+class Room:
+    """What the job says about the cluster's capacity (jobs.schedule asks); RayRoom gives Ray's figures."""
+
+    def describe(self) -> str:
+        return "no figures from the cluster"
+
+    def start_failure(self, cause: str) -> str:
+        """Why workers keep dying before they are ready, with what to change."""
+        return f"workers keep dying before their model is loaded (last: {cause})"
+
+
+class RayRoom(Room):
+    def __init__(self, plan: PoolPlan, address: str | None) -> None:
+        self.plan, self.address = plan, address
+
+    def describe(self) -> str:
+        import ray
+
+        plan = self.plan
+        asks = f"each worker asks for {plan.cpus_per_worker:g} CPU" + (
+            f" and {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else ""
+        )
+        try:
+            total, free = ray.cluster_resources(), ray.available_resources()
+        except Exception as error:  # the cluster's figures are a courtesy; the sentence stands without
+            return f"{asks}; the cluster's resources are unknown ({type(error).__name__})"
+        has = f"the cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs free"
+        if plan.gpus_per_worker or total.get("GPU"):
+            has += f" and {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs"
+        return f"{asks}; {has}"
+
+    def start_failure(self, cause: str) -> str:
+        text = super().start_failure(cause)
+        if "never ran" in cause and os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            text += (
+                f". This process uses Ray's token authentication (RAY_AUTH_MODE=token) and the cluster at "
+                f"{self.address} seems not to: run with RAY_AUTH_MODE=disabled, or start the cluster "
+                "with RAY_AUTH_MODE=token and the same token"
+            )
+        return text

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from bulkscore.jobs.cluster import plan_pool, ray_session
+from bulkscore.jobs.cluster import RayRoom, plan_pool, ray_session
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.gather import (
     FOLDER_MANIFEST,
@@ -25,6 +25,7 @@ from bulkscore.jobs.gather import (
 )
 from bulkscore.jobs.parts import MemoryStore, PartStore
 from bulkscore.jobs.progress import announcer, progress_bar
+from bulkscore.jobs.schedule import Patience
 from bulkscore.jobs.settings import JobSpec, fingerprint
 from bulkscore.jobs.shards import Shard, plan_shards
 from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, check_result, shard_timings
@@ -42,6 +43,7 @@ class RunOptions:
     overwrite: bool = False
     keep_parts: bool = False
     quiet: bool = False
+    patience: Patience = Patience()  # how long to wait for room on the cluster and for a busy worker
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ def run_job(spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callab
         "workers": 0,
         "nodes": 0,
         "worker_deaths": 0,
+        "worker_hangs": 0,
         "timings": None,
         "device": None,
         "dtype": None,
@@ -163,16 +166,20 @@ def score_on_ray(
         if spec.model.kind in ("embedded", "gguf") and not is_prepared(gguf):
             say(f"Converting {gguf.name} once into {cache_root()} (about 30 s)...")
         ready = time.perf_counter()
-        start_one, actors, infos = start_workers(pool, model, spec.scoring)
-        timings = {"startup_s": round(time.perf_counter() - started, 3), "generate_s": 0.0, "loss_s": 0.0}
-        say(
-            f"Workers ready in {time.perf_counter() - ready:.1f} s on {infos[0]['device']} "
-            f"({infos[0]['dtype']}, model loaded in {max(i['load_s'] for i in infos):.1f} s)"
-        )
+        timings = {"startup_s": None, "generate_s": 0.0, "loss_s": 0.0}
         shards = {s.index: s for s in todo}
         pieces: dict[int, list[pa.Table]] = defaultdict(list)
         total = questions.num_rows * samples
         with progress_bar(total, total - sum(s.rows for s in todo) * samples, options.quiet) as bar:
+            tell = announcer(bar, options.quiet)
+
+            def on_ready(info: dict) -> None:
+                if timings["startup_s"] is None:
+                    timings["startup_s"] = round(time.perf_counter() - started, 3)
+                    tell(
+                        f"First worker ready in {time.perf_counter() - ready:.1f} s on {info['device']} "
+                        f"({info['dtype']}, model loaded in {info['load_s']:.1f} s)"
+                    )
 
             def on_result(task: ShardTask, result: pa.Table) -> None:
                 # A shard split after worker deaths comes back in pieces; write it when whole.
@@ -188,11 +195,23 @@ def score_on_ray(
                     store.write(shard, shard_rows(questions, whole))
 
             tasks = (shard_task(questions, s.index, s.start, s.stop) for s in todo)  # drawn as workers free up
-            deaths = run_shards(start_one, actors, tasks, samples, on_result, announcer(bar, options.quiet))
+            outcome = run_shards(
+                start_workers(pool, model, spec.scoring),
+                tasks,
+                samples,
+                on_result,
+                tell,
+                workers=pool.workers,
+                patience=options.patience,
+                on_ready=on_ready,
+                room=RayRoom(pool, options.address),
+            )
+    infos = outcome.infos
     return {
         "workers": pool.workers,
         "nodes": len({i["node"] for i in infos}),
-        "worker_deaths": deaths,
+        "worker_deaths": outcome.deaths,
+        "worker_hangs": outcome.hangs,
         "timings": timings,
         "device": infos[0]["device"],
         "dtype": infos[0]["dtype"],

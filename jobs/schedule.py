@@ -1,75 +1,106 @@
-"""Run shards on a pool of actors: at most two in flight per actor, dead actors replaced.
+"""Run shards on a pool of actors that comes and goes: at most two shards in flight per worker.
 
-A worker that dies costs only its in-flight shards, which run again on a live worker. The shard
-that was running when a worker died is blamed for it; after MAX_DEATHS it is bisected, each piece
-gets one more try, and a single row that still kills its worker becomes an error row.
+A worker is started, then placed by Ray (when the cluster has room), then loads its model; only a
+loaded worker is given work, so one that Ray cannot place holds none and the job goes on with the
+others until room comes (a node added back, an autoscaler). A worker that dies, at any moment, or
+that stops making progress (hangs) is replaced; it costs only its in-flight shards, which run again.
+
+Rows are given up only on evidence: the piece that was running when its worker died is a suspect
+and runs alone from then on; a suspect piece whose worker dies again is split in halves, and a
+single row is given up after ROW_DEATHS deaths while it ran alone, each on a fresh worker. Deaths
+that merely happen around a row (spot preemptions, out-of-memory kills elsewhere) condemn nothing.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
-from bulkscore.jobs.cluster import PoolPlan
+from bulkscore.jobs.cluster import PoolPlan, Room
 from bulkscore.jobs.errors import JobError
 from bulkscore.workers.actor import ShardScorer
 from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask, error_result
 
 IN_FLIGHT_PER_WORKER = 2
-MAX_DEATHS = 3  # deaths of a whole shard before it is bisected
+ROW_DEATHS = 3  # deaths while a single row ran alone before it is given up
 WAIT_S = 0.5
+CHECK_EVERY_S = 0.5  # how often workers' progress and the cluster's room are looked at
+SAY_WAITING_AFTER_S = 5.0  # a worker not placed this long is worth a message
+DEFAULT_PLACEMENT_TIMEOUT_S = 600.0
+DEFAULT_HANG_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long the job waits before it calls something stuck (both are run options)."""
+
+    placement_s: float = DEFAULT_PLACEMENT_TIMEOUT_S  # no worker placed at all for this long: stop
+    hang_s: float = DEFAULT_HANG_TIMEOUT_S  # a busy worker that finishes no model call for this long hangs
+
+    @property
+    def probe_s(self) -> float:
+        return max(0.2, min(10.0, self.hang_s / 4))
 
 
 @dataclass
 class Work:
     task: ShardTask
-    deaths: int = 0  # workers that died while running this piece or a piece holding it
-    tries_left: int = MAX_DEATHS  # before this piece is split (or, for one row, given up)
+    suspect: bool = False  # was running when a worker died or hung: runs alone from now on
+    alone: int = 0  # workers that died or hung while this piece ran alone
+    around: int = 0  # workers that died or hung while this piece (or one holding it) ran
 
 
-def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> tuple[Callable, list, list[dict]]:
-    """Start the actors and wait until each has loaded its model; refuse a model that fails to load.
+@dataclass(eq=False)
+class Worker:
+    actor: Any
+    number: int
+    started: float
+    placed: bool = False  # Ray found it room and it runs
+    info: dict | None = None  # what it reports once its model is loaded
+    running: list = field(default_factory=list)  # [(ref, Work)], in the order it runs them
+    refs: set = field(default_factory=set)  # its outstanding where/load/progress calls
+    heard: float = 0.0  # when it last showed progress (or took work while idle)
+    calls: int = -1  # its model calls at the last probe
+    probe: Any = None
+    probed: float = 0.0
 
-    Returns a function that starts one more actor, the actors, and what each reports of itself.
-    """
+
+def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> Callable[[], Any]:
+    """A function that starts one actor (and returns at once: Ray places it when it can)."""
     import ray
 
     # The shards in flight on a worker run at once, so that its engine refills one's free decode
-    # slots with the other's rows.
+    # slots with the other's rows; one more thread answers progress probes while they run.
     scorer = ray.remote(ShardScorer).options(
         num_cpus=plan.cpus_per_worker,
         num_gpus=plan.gpus_per_worker,
         max_restarts=0,
-        max_concurrency=IN_FLIGHT_PER_WORKER,
+        max_concurrency=IN_FLIGHT_PER_WORKER + 1,
     )
-
-    def start_one():
-        return scorer.remote(model, scoring)
-
-    actors = [start_one() for _ in range(plan.workers)]
-    infos = ray.get([a.info.remote() for a in actors])
-    for info in infos:
-        if info.get("error"):
-            for actor in actors:
-                ray.kill(actor)
-            raise JobError(f"a worker could not load the model: {info['error']}")
-    return start_one, actors, infos
+    return lambda: scorer.remote(model, scoring)
 
 
-def after_death(work: Work, cause: str, num_samples: int) -> tuple[list[Work], pa.Table | None]:
-    """What to do with a piece whose worker died running it: retry it, split it, or give up on it."""
-    work.deaths += 1
-    work.tries_left -= 1
-    if work.tries_left > 0:
+def after_death(work: Work, cause: str, alone: bool, num_samples: int) -> tuple[list[Work], pa.Table | None]:
+    """What to do with a piece whose worker died (or hung) running it: retry it alone, split it, or
+    give up on it (a single row, after ROW_DEATHS deaths alone)."""
+    work.around += 1
+    if not alone:
+        work.suspect = True
         return [work], None
-    if work.task.size == 1:
-        message = f"worker died: {work.deaths} workers died running this row (last: {cause})"
-        return [], error_result(work.task, num_samples, message)
-    # Each half gets one try: a half that kills its worker again is split again.
-    return [Work(half, work.deaths, 1) for half in work.task.halves()], None
+    work.alone += 1
+    if work.task.size > 1:
+        return [Work(half, suspect=True, around=work.around) for half in work.task.halves()], None
+    if work.alone < ROW_DEATHS:
+        return [work], None
+    what = "hung" if cause.startswith("hung") else "died"
+    message = f"worker {what}: {work.alone} workers {what} running this row alone, {work.around} in all (last: {cause})"
+    return [], error_result(work.task, num_samples, message)
 
 
 def death_cause(error: BaseException) -> str:
@@ -78,70 +109,77 @@ def death_cause(error: BaseException) -> str:
 
 
 class Pool:
-    """Which worker takes the next piece, in O(1) per piece whatever the number of shards.
+    """Which loaded worker takes the next piece, in O(1) per piece whatever the number of shards.
 
     Workers sit in buckets by how many pieces they run (0 or 1; a full one is in none), so the least
-    busy one is found without a scan. A piece that has been running when a worker died (a suspect)
-    runs alone, so that a death there is its own: it takes an idle worker, which then takes nothing
-    else until it is done.
+    busy one is found without a scan. A suspect piece runs alone, so that a death there is its own:
+    it takes an idle worker, which then takes nothing else until it is done.
     """
 
-    def __init__(self, actors: Sequence) -> None:
-        self.in_flight: dict = {}  # live actor -> [(ref, work)], in the order it runs them
-        self.buckets: list[dict] = [{} for _ in range(IN_FLIGHT_PER_WORKER)]  # load -> {actor: None}
-        for actor in actors:
-            self.add(actor)
+    def __init__(self) -> None:
+        self.workers: set[Worker] = set()
+        self.buckets: list[dict] = [{} for _ in range(IN_FLIGHT_PER_WORKER)]  # load -> {worker: None}
 
-    def add(self, actor) -> None:
-        self.in_flight[actor] = []
-        self.buckets[0][actor] = None
+    def add(self, worker: Worker) -> None:
+        self.workers.add(worker)
+        self.buckets[0][worker] = None
 
-    def taker(self, work: Work):
-        """The least busy worker that can take `work` now, or None."""
-        if work.deaths:
+    def taker(self, work: Work, busy_too: bool = True) -> Worker | None:
+        """The least busy worker that can take `work` now, or None; with `busy_too` false, only an idle one."""
+        if work.suspect or not busy_too:
             return next(iter(self.buckets[0]), None)
         return next((next(iter(b)) for b in self.buckets if b), None)
 
-    def launch(self, actor, ref, work: Work) -> None:
-        self.unbucket(actor)
-        self.in_flight[actor].append((ref, work))
-        self.rebucket(actor)
+    def launch(self, worker: Worker, ref, work: Work) -> None:
+        self.unbucket(worker)
+        worker.running.append((ref, work))
+        self.rebucket(worker)
 
-    def finish(self, actor, ref, work: Work) -> None:
-        self.unbucket(actor)
-        self.in_flight[actor].remove((ref, work))
-        self.rebucket(actor)
+    def finish(self, worker: Worker, ref, work: Work) -> None:
+        self.unbucket(worker)
+        worker.running.remove((ref, work))
+        self.rebucket(worker)
 
-    def remove(self, actor) -> list[tuple]:
-        """Forget a dead worker; returns what it was running."""
-        self.unbucket(actor)
-        return self.in_flight.pop(actor)
+    def remove(self, worker: Worker) -> None:
+        self.unbucket(worker)
+        self.workers.discard(worker)
 
-    def unbucket(self, actor) -> None:
+    def unbucket(self, worker: Worker) -> None:
         for bucket in self.buckets:
-            bucket.pop(actor, None)
+            bucket.pop(worker, None)
 
-    def rebucket(self, actor) -> None:
-        running = self.in_flight[actor]
-        if len(running) < IN_FLIGHT_PER_WORKER and not any(w.deaths for _, w in running):
-            self.buckets[len(running)][actor] = None
+    def rebucket(self, worker: Worker) -> None:
+        running = worker.running
+        if len(running) < IN_FLIGHT_PER_WORKER and not any(w.suspect for _, w in running):
+            self.buckets[len(running)][worker] = None
+
+
+@dataclass
+class Outcome:
+    deaths: int = 0  # workers that died or hung
+    hangs: int = 0
+    infos: list[dict] = field(default_factory=list)  # what each worker that loaded reported
 
 
 def run_shards(
-    start_one: Callable,
-    actors: Sequence,
+    start_one: Callable[[], Any],
     tasks: Iterable[ShardTask],
     num_samples: int,
     on_result: Callable[[ShardTask, pa.Table], None],
     say: Callable[[str], None],
+    workers: int,
+    patience: Patience = Patience(),
+    on_ready: Callable[[dict], None] = lambda info: None,
+    room: Room | None = None,
     ray_api=None,
-) -> int:
-    """Score every task; returns how many workers died on the way.
+) -> Outcome:
+    """Score every task on `workers` actors made by `start_one`, replaced as they die or hang.
 
     `tasks` is drawn as workers free up, so it may be a generator over an input larger than memory.
     The driver's work per finished piece does not grow with the number of shards. `ray_api` stands
     in for the `ray` module in tests (wait, get, kill).
     """
+    room = room or Room()
     if ray_api is None:
         import ray as ray_api
     from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
@@ -151,9 +189,26 @@ def run_shards(
     suspects: deque[Work] = deque()  # pieces that were running when a worker died: each runs alone
     again: deque[Work] = deque()  # pieces lost with a worker that did not cause it: before fresh ones
     upcoming: deque[Work] = deque()  # the next fresh piece, drawn but not placed yet
-    pool = Pool(actors)
-    owner: dict = {}  # ref -> (actor, work)
-    deaths = 0
+    pool = Pool()
+    starting: set[Worker] = set()  # not loaded yet: placed or waiting for room
+    owner: dict = {}  # shard ref -> (worker, work)
+    calls: dict = {}  # where/load/progress ref -> (kind, worker)
+    numbers = itertools.count(1)
+    outcome = Outcome()
+    start_deaths = 0  # in a row, with no worker loaded in between
+    no_room_since: float | None = None
+    said_waiting: tuple | None = None
+    checked = 0.0
+
+    def call(worker: Worker, kind: str, ref) -> None:
+        calls[ref] = (kind, worker)
+        worker.refs.add(ref)
+
+    def start() -> None:
+        worker = Worker(start_one(), next(numbers), time.monotonic())
+        call(worker, "where", worker.actor.where.remote())
+        call(worker, "load", worker.actor.load.remote())
+        starting.add(worker)
 
     def next_piece() -> Work | None:
         if again:
@@ -165,17 +220,23 @@ def run_shards(
             upcoming.append(Work(task))
         return upcoming[0]
 
-    def launch(actor, work: Work) -> None:
-        ref = actor.score.remote(work.task)
-        pool.launch(actor, ref, work)
-        owner[ref] = (actor, work)
+    def launch(worker: Worker, work: Work) -> None:
+        if not worker.running:
+            worker.heard = time.monotonic()
+        ref = worker.actor.score.remote(work.task)
+        pool.launch(worker, ref, work)
+        owner[ref] = (worker, work)
 
     def fill() -> None:
-        while suspects and (actor := pool.taker(suspects[0])) is not None:
-            launch(actor, suspects.popleft())
-        while (work := next_piece()) is not None and (actor := pool.taker(work)) is not None:
+        while suspects and (worker := pool.taker(suspects[0])) is not None:
+            launch(worker, suspects.popleft())
+        # While other workers are loading (or were just started), a worker takes one piece, not two,
+        # so that the first shards spread over the pool.
+        now = time.monotonic()
+        spread = any(w.placed or now - w.started < SAY_WAITING_AFTER_S for w in starting)
+        while (work := next_piece()) is not None and (worker := pool.taker(work, not spread)) is not None:
             (again or upcoming).popleft()
-            launch(actor, work)
+            launch(worker, work)
 
     def get(ref, work: Work) -> pa.Table:
         try:
@@ -183,46 +244,143 @@ def run_shards(
         except RayTaskError as error:
             raise JobError(f"shard {work.task.index} failed: {error.cause!r}") from None
 
-    while True:
-        fill()
-        if not owner:
-            break
-        # A bounded wait gives Python a moment to act on Ctrl-C between checks.
-        ready, _ = ray_api.wait(list(owner), num_returns=1, timeout=WAIT_S)
-        if not ready:
-            continue
-        actor, work = owner.pop(ready[0])
-        try:
-            result = get(ready[0], work)
-        except died as error:
-            # The worker is gone with everything it had: keep what it finished, blame the piece
-            # that was running (the first unfinished one), and run the rest again elsewhere.
-            deaths += 1
-            lost = pool.remove(actor)
-            ray_api.kill(actor)
-            pool.add(start_one())
-            blamed = None
-            for ref, piece in lost:
-                owner.pop(ref, None)
+    def lose(worker: Worker, cause: str) -> None:
+        """The worker is gone (dead, or hung and killed) with everything it had: keep what it
+        finished, blame the piece that was running (the first unfinished one), run the rest again
+        elsewhere, and start a replacement."""
+        nonlocal start_deaths
+        outcome.deaths += 1
+        outcome.hangs += cause.startswith("hung")
+        pool.remove(worker)
+        starting.discard(worker)
+        for ref in worker.refs:
+            calls.pop(ref, None)
+        ray_api.kill(worker.actor)
+        lost = worker.running
+        for ref, _ in lost:
+            owner.pop(ref, None)
+        finished = set(ray_api.wait([r for r, _ in lost], num_returns=len(lost), timeout=0)[0]) if lost else set()
+        unfinished = []
+        for ref, piece in lost:
+            if ref in finished:
                 try:
                     on_result(piece.task, get(ref, piece))
                     continue
                 except died:
                     pass
-                if blamed is None:
-                    blamed = piece
-                    task = piece.task
-                    say(
-                        f"A worker died running rows {task.start}-{task.stop - 1} of shard {task.index}; "
-                        f"starting a replacement ({death_cause(error)})"
-                    )
-                    retry, given_up = after_death(piece, death_cause(error), num_samples)
-                    suspects.extendleft(reversed(retry))
-                    if given_up is not None:
-                        on_result(piece.task, given_up)
+            unfinished.append(piece)
+        if unfinished:
+            blamed, task = unfinished[0], unfinished[0].task
+            what = "hung" if cause.startswith("hung") else "died"
+            say(
+                f"A worker {what} running rows {task.start}-{task.stop - 1} of shard {task.index}; "
+                f"starting a replacement ({cause})"
+            )
+            retry, given_up = after_death(blamed, cause, len(unfinished) == 1, num_samples)
+            suspects.extendleft(reversed(retry))
+            if given_up is not None:
+                on_result(blamed.task, given_up)
+            again.extend(unfinished[1:])
+        else:
+            when = "while starting" if worker.info is None else "while idle"
+            say(f"A worker died {when}; starting a replacement ({cause})")
+            if worker.info is None:
+                start_deaths += 1
+                if start_deaths >= max(5, 2 * workers) and not pool.workers:
+                    raise JobError(room.start_failure(cause))
+        start()
+
+    def loaded(worker: Worker, info: dict) -> None:
+        nonlocal start_deaths
+        if info.get("error"):
+            raise JobError(f"a worker could not load the model: {info['error']}")
+        start_deaths = 0
+        worker.info, worker.placed = info, True
+        starting.discard(worker)
+        pool.add(worker)
+        outcome.infos.append(info)
+        on_ready(info)
+
+    def heard_from(worker: Worker, progress: int) -> None:
+        worker.probe = None
+        if progress != worker.calls:
+            worker.calls, worker.heard = progress, time.monotonic()
+
+    def check(now: float) -> None:
+        """Probe busy workers, kill hung ones; stop if no worker at all can be placed."""
+        nonlocal no_room_since, said_waiting
+        for worker in list(pool.workers):
+            if not worker.running:
+                continue
+            if now - worker.heard > patience.hang_s:
+                lose(worker, f"hung: no model call finished in {patience.hang_s:g} s")
+            elif worker.probe is None and now - worker.probed >= patience.probe_s:
+                worker.probe, worker.probed = worker.actor.progress.remote(), now
+                call(worker, "progress", worker.probe)
+        waiting = [w for w in starting if not w.placed]
+        if pool.workers or len(waiting) < len(starting):
+            no_room_since = None
+        elif no_room_since is None:
+            no_room_since = now
+        elif now - no_room_since > patience.placement_s:
+            raise JobError(
+                f"no worker could be placed for {patience.placement_s:g} s: {room.describe()}. Finished "
+                "shards are kept; the same command resumes when the cluster has room (or ask for less: "
+                "--workers, --cpus-per-worker, --gpus-per-worker)"
+            )
+        long_waiting = [w for w in waiting if now - w.started > SAY_WAITING_AFTER_S]
+        state = (len(pool.workers), len(long_waiting))
+        if long_waiting and state != said_waiting:
+            say(
+                f"{len(pool.workers)} of {workers} workers running; waiting for room for "
+                f"{len(long_waiting)} more ({room.describe()})"
+            )
+            said_waiting = state
+        elif not long_waiting:
+            said_waiting = None
+
+    for _ in range(workers):
+        start()
+    try:
+        while True:
+            fill()
+            if not owner and not suspects and next_piece() is None:
+                break
+            now = time.monotonic()
+            if now - checked >= CHECK_EVERY_S:
+                checked = now
+                check(now)
+            # A bounded wait gives Python a moment to act on Ctrl-C between checks.
+            ready, _ = ray_api.wait([*owner, *calls], num_returns=1, timeout=WAIT_S)
+            if not ready:
+                continue
+            ref = ready[0]
+            if ref in calls:
+                kind, worker = calls.pop(ref)
+                worker.refs.discard(ref)
+                try:
+                    answer = ray_api.get(ref)
+                except died as error:
+                    lose(worker, death_cause(error))
+                    continue
+                if kind == "where":
+                    worker.placed = True
+                elif kind == "load":
+                    loaded(worker, answer)
                 else:
-                    again.append(piece)
-            continue
-        pool.finish(actor, ready[0], work)
-        on_result(work.task, result)
-    return deaths
+                    heard_from(worker, answer)
+                continue
+            worker, work = owner.pop(ref)
+            try:
+                result = get(ref, work)
+            except died as error:
+                owner[ref] = (worker, work)  # lose() accounts for it with the worker's others
+                lose(worker, death_cause(error))
+                continue
+            pool.finish(worker, ref, work)
+            worker.heard = time.monotonic()
+            on_result(work.task, result)
+    finally:
+        for worker in [*starting, *pool.workers]:
+            ray_api.kill(worker.actor)
+    return outcome

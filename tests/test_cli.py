@@ -38,6 +38,7 @@ SUMMARY_KEYS = {
     "errors",
     "error_kinds",
     "worker_deaths",
+    "worker_hangs",
     "nodes",
     "answered",
     "correct",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pyarrow as pa
@@ -23,21 +24,21 @@ def test_a_few_shards_spread_over_the_whole_pool():
 
     @ray.remote(num_cpus=0)
     class Recorder:
-        def __init__(self):
-            self.seen = []
+        def where(self):
+            return {}
+
+        def load(self):
+            return {"node": "n"}
 
         def score(self, task):
-            self.seen.append(task.index)
-            return error_result(task, 1, "not scored")
+            return error_result(task, 1, f"scored by {os.getpid()}")
 
-        def shards(self):
-            return self.seen
-
-    actors = [Recorder.remote() for _ in range(2)]
-    done = []
-    deaths = run_shards(lambda: None, actors, [shard(0), shard(1)], 1, lambda t, r: done.append(t.index), print)
-    assert deaths == 0 and sorted(done) == [0, 1]
-    assert sorted(ray.get([a.shards.remote() for a in actors])) == [[0], [1]]  # one each, not both on one
+    done = {}
+    outcome = run_shards(
+        Recorder.remote, [shard(0), shard(1)], 1, lambda t, r: done.update({t.index: r["error"][0]}), print, 2
+    )
+    assert outcome.deaths == 0 and sorted(done) == [0, 1]
+    assert done[0] != done[1]  # one each, not both on one
 
 
 class Ref:
@@ -66,6 +67,16 @@ class Instant:
                     pool.sent += 1
                     return Ref(RayActorError() if task.start in pool.kills else pool.answer)
 
+            class where:
+                @staticmethod
+                def remote() -> Ref:
+                    return Ref({})
+
+            class load:
+                @staticmethod
+                def remote() -> Ref:
+                    return Ref({"node": "n"})
+
         return Actor()
 
     def wait(self, refs, num_returns=1, timeout=None):
@@ -87,11 +98,11 @@ def schedule(shards: int, workers: int = 8, kills: frozenset[int] = frozenset())
     started = time.process_time()
     run_shards(
         ray.actor,
-        [ray.actor() for _ in range(workers)],
         (shard(i) for i in range(shards)),
         1,
         lambda task, result: done.append(task.index),
         lambda text: None,
+        workers,
         ray_api=ray,
     )
     return time.process_time() - started, done, ray
@@ -120,9 +131,7 @@ def test_shards_are_drawn_from_the_input_only_as_workers_free_up():
             assert len(drawn) - len(finished) <= 2 * 3 + 1
             yield shard(i)
 
-    run_shards(
-        ray.actor, [ray.actor() for _ in range(3)], tasks(), 1, lambda t, r: finished.append(t.index), print, ray
-    )
+    run_shards(ray.actor, tasks(), 1, lambda t, r: finished.append(t.index), print, 3, ray_api=ray)
     assert sorted(finished) == list(range(500))
 
 

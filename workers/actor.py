@@ -1,8 +1,10 @@
 """The Ray actor: holds one loaded model and scores the shards sent to it.
 
-Plain class; the driver wraps it with `ray.remote`, with as many concurrent calls as shards in flight:
-those shards share one generation engine (continuous batching across shards). torch and transformers
-load in `__init__`, in the actor's process, never in the driver's.
+Plain class; the driver wraps it with `ray.remote`, with as many concurrent calls as shards in flight
+plus one for `progress`: the shards share one generation engine (continuous batching across shards).
+Creating the actor does nothing heavy, so that the driver learns at once that Ray placed it (`where`)
+and separately when its model is loaded (`load`); torch and transformers load in `load`, in the
+actor's process, never in the driver's.
 """
 
 from __future__ import annotations
@@ -13,40 +15,43 @@ import socket
 import pyarrow as pa
 
 from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask
-from bulkscore.workers.faults import crash_if_asked
+from bulkscore.workers.faults import crash_if_asked, hang_if_asked
 
 
 class ShardScorer:
     def __init__(self, spec: ModelSpec, settings: ScoringSettings) -> None:
-        from bulkscore.workers.models import load_model
-
-        self.settings = settings
+        self.spec, self.settings = spec, settings
         self.lm = self.engine = None
         self.load_error: str | None = None
+
+    def where(self) -> dict:
+        """Answered as soon as the actor runs: it has been placed."""
+        import ray
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
+
+    def load(self) -> dict:
+        """Load the model; what the worker reports of itself (with `error` if the model failed to load)."""
+        from bulkscore.workers.models import kernels_pinned, load_model
+
         try:
             from bulkscore.workers.scoring import shard_engine
 
-            self.lm = load_model(spec)
-            self.engine = shard_engine(self.lm, settings)
-        except Exception as error:  # reported by info(), so the driver can refuse the job clearly
+            self.lm = load_model(self.spec)
+            self.engine = shard_engine(self.lm, self.settings)
+        except Exception as error:  # reported, so the driver can refuse the job clearly
             self.load_error = f"{type(error).__name__}: {error}"
-
-    def info(self) -> dict:
-        if self.lm is None:
-            return {"pid": os.getpid(), "error": self.load_error}
-        import ray
-
-        from bulkscore.workers.models import kernels_pinned
-
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "node": ray.get_runtime_context().get_node_id(),
+            return self.where() | {"error": self.load_error}
+        return self.where() | {
             "device": str(self.lm.device),
             "dtype": str(self.lm.dtype).removeprefix("torch."),
             "load_s": round(self.lm.load_s, 3),
             "invariant": kernels_pinned(self.lm.device),
         }
+
+    def progress(self) -> int:
+        """Model calls finished so far: the driver's sign that the worker is not hung."""
+        return self.engine.calls if self.engine is not None else 0
 
     def score(self, task: ShardTask) -> pa.Table:
         from bulkscore.workers.scoring import score_shard
@@ -54,4 +59,5 @@ class ShardScorer:
         if self.lm is None:
             raise RuntimeError(f"this worker could not load the model: {self.load_error}")
         crash_if_asked(task)
+        hang_if_asked(task, self.engine.model_thread)
         return score_shard(self.lm, task, self.settings, self.engine)

@@ -353,6 +353,7 @@ class Engine:
             1, "bulkscore-model", initializer=torch.set_num_threads, initargs=(threads,)
         )
         self.seconds = {"generate_s": 0.0, "loss_s": 0.0}  # model time, by kind, since take_seconds()
+        self.calls = 0  # decode rounds and scoring calls finished: progress, for the driver's hang check
 
     def generate(self, requests: Sequence[Request]) -> list[Generated]:
         """One Generated per request, each as it would be alone."""
@@ -392,6 +393,7 @@ class Engine:
                 except Exception as raised:  # confined to this decoder's requests: they fail with it
                     error = raised
                 self.seconds["generate_s"] += time.perf_counter() - started
+                self.calls += 1
                 with self.condition:
                     if error is not None:
                         decoder.fail(error)
@@ -409,11 +411,14 @@ class Engine:
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    return span_nll(self.lm, sequences, starts, self.prefix.tokens if prefixed else ())
+                    return span_nll(self.lm, sequences, starts, self.prefix.tokens if prefixed else (), self.tick)
             finally:
                 self.seconds["loss_s"] += time.perf_counter() - started
 
         return self.model_thread.submit(score).result()
+
+    def tick(self) -> None:
+        self.calls += 1
 
     def take_seconds(self) -> dict[str, float]:
         """The model time spent since the last call, by kind (on the model thread, between its tasks)."""

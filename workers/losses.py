@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +51,11 @@ def start_scoring(
 
 
 def span_nll(
-    lm: LoadedModel, sequences: Sequence[Sequence[int]], starts: Sequence[int], prefix: Sequence[int] = ()
+    lm: LoadedModel,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    prefix: Sequence[int] = (),
+    tick: Callable[[], None] = lambda: None,
 ) -> list[float | None]:
     """Mean NLL of tokens sequences[i][starts[i]:], each given the tokens before it; None where there
     is no token to score. Each value depends on its sequence alone, not on the others scored with it.
@@ -78,6 +82,7 @@ def span_nll(
             feeds = [run.pieces[run.fed] if run else None for run in rows]
             targets, _ = right_aligned([run and run.targets[run.fed][0] for run in rows], tile.rows, tile.width, 0)
             logits = tile.forward(feeds, last_only=False)  # [R, W, V]
+            tick()  # one more call done: the worker is making progress
             nll = -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]  # [R, W]
             for row, run in enumerate(rows):
                 if run is None:
