@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -57,6 +58,29 @@ def use_token_if_present() -> bool:
     return False
 
 
+TOKEN_PROBE = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+try:
+    ray.get(ray.remote(num_cpus=0)(type("Probe", (), {"ping": lambda self: 1})).remote().ping.remote(), timeout=60)
+except Exception as error:
+    sys.exit(3 if "never ran" in str(error) else 4)
+"""
+
+
+def token_mode_works(address: str) -> bool:
+    """Whether the cluster at `address` runs actors for a client in token mode (RAY_AUTH_MODE=token):
+    asked in a process of its own, since Ray fixes the mode for the life of a process. A cluster
+    without token authentication refuses them ("The actor never ran"), though it accepts the
+    connection and plain tasks. Anything else (no answer, another failure) counts as working, so
+    that the job meets, and reports, the real problem."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", TOKEN_PROBE, address], capture_output=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        return True
+    return probe.returncode != 3
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[str]:
     """Connected to Ray for the block; a private instance listens on 127.0.0.1 with no dashboard.
@@ -67,8 +91,10 @@ def ray_session(address: str | None) -> Iterator[str]:
     address = address or os.environ.get("RAY_ADDRESS")
     if is_private(address):
         bind_to_loopback()
-    else:
-        use_token_if_present()  # read when Ray loads its config: before `import ray`
+    elif use_token_if_present() and "ray" not in sys.modules and not token_mode_works(address):
+        # The token is a local file's guess and the cluster refuses actors made with it: it does not
+        # use token authentication. Ray reads the mode once, at import, so it is set before.
+        os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
     if ray.is_initialized():

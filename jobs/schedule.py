@@ -105,7 +105,8 @@ def after_death(work: Work, cause: str, alone: bool, num_samples: int) -> tuple[
 
 def death_cause(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+    cause = text[0][:300] if text else type(error).__name__
+    return cause + " (it never ran: Ray cancelled it before it started)" if "never ran" in str(error) else cause
 
 
 class Pool:

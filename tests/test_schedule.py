@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 
 import pyarrow as pa
 import pytest
 from ray.exceptions import RayActorError
 
-from bulkscore.jobs.schedule import run_shards
+from bulkscore.jobs.errors import JobError
+from bulkscore.jobs.schedule import Patience, run_shards
 from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, error_result
 
 
@@ -139,3 +141,206 @@ def test_a_row_that_kills_every_worker_is_isolated_and_the_rest_are_scored():
     _, done, ray = schedule(40, workers=3, kills=frozenset({17}))
     assert sorted(done) == list(range(40))  # 17 once, as its error row
     assert ray.sent == 40 + 2  # row 17 tried three times: it runs alone each time
+
+
+class Call:
+    """A stand-in object ref: ready when `ready()` says so; `answer()` gives its value or raises."""
+
+    def __init__(self, ready, answer) -> None:
+        self.ready, self.answer = ready, answer
+
+
+class Method:
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+class SimActor:
+    """A worker on a simulated cluster: placed when there is room, loads, scores, dies, hangs."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim, self.dead, self.hung, self.calls, self.placed_at = sim, False, False, 0, None
+        self.number = len(sim.actors)
+        self.scored: list[int] = []
+        sim.actors.append(self)
+        self.where = Method(lambda: Call(lambda: self.dead or self.placed(), lambda: self.reply({})))
+        self.load = Method(lambda: Call(self.loaded_or_dead, self.load_reply))
+        self.progress = Method(lambda: Call(lambda: True, lambda: self.reply(self.tick())))
+        self.score = Method(self.start_score)
+
+    def placed(self) -> bool:
+        if self.placed_at is None and self in [a for a in self.sim.actors if not a.dead][: self.sim.room]:
+            self.placed_at = time.monotonic()
+        return self.placed_at is not None
+
+    def loaded_or_dead(self) -> bool:
+        return self.dead or (self.placed() and time.monotonic() >= self.placed_at + self.sim.load_s)
+
+    def load_reply(self):
+        if self.number < self.sim.die_loading:
+            self.dead = True
+        return self.reply({"node": f"n{self.number}"})
+
+    def reply(self, value):
+        if self.dead:
+            raise RayActorError()
+        return value
+
+    def tick(self) -> int:
+        self.calls += 0 if self.hung else 1
+        return self.calls
+
+    def start_score(self, task: ShardTask) -> Call:
+        started = time.monotonic()
+        rows = range(task.start, task.stop)
+        self.scored.append(task.start)
+        if any(r in self.sim.kills or r in self.sim.kill_once for r in rows):
+            self.sim.kill_once -= set(rows)
+            self.dead = True
+        if any(r in self.sim.hangs for r in rows):
+            self.hung = True
+        return Call(
+            lambda: self.dead or (not self.hung and time.monotonic() >= started + self.sim.score_s),
+            lambda: self.reply(error_result(task, 1, "ok")),
+        )
+
+
+class Sim:
+    """Stand-in for the `ray` module over a cluster with room for `room` workers at a time."""
+
+    def __init__(self, room=8, load_s=0.02, score_s=0.005, murder_every_s=None, seed=0) -> None:
+        self.room, self.load_s, self.score_s = room, load_s, score_s
+        self.actors: list[SimActor] = []
+        self.kills: set[int] = set()  # rows that kill every worker that runs them
+        self.kill_once: set[int] = set()
+        self.hangs: set[int] = set()
+        self.die_loading = 0  # the first this many workers die while loading
+        self.murder_every_s, self.random, self.last_murder = murder_every_s, random.Random(seed), time.monotonic()
+        self.murders = 0
+
+    def actor(self) -> SimActor:
+        return SimActor(self)
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        deadline = time.monotonic() + (timeout or 0)
+        while True:
+            self.murder()
+            ready = [r for r in refs if r.ready()][:num_returns]
+            if ready or time.monotonic() >= deadline:
+                return ready, [r for r in refs if r not in ready]
+            time.sleep(0.002)
+
+    def murder(self) -> None:
+        """Now and then, kill a random placed worker (spot preemptions, OOM kills)."""
+        now = time.monotonic()
+        if self.murder_every_s and now - self.last_murder >= self.murder_every_s:
+            self.last_murder = now
+            placed = [a for a in self.actors if not a.dead and a.placed_at is not None]
+            if placed:
+                self.random.choice(placed).dead = True
+                self.murders += 1
+
+    def get(self, ref: Call):
+        return ref.answer()
+
+    def kill(self, actor: SimActor) -> None:
+        actor.dead = True
+
+
+def sim_shard(index: int, size: int) -> ShardTask:
+    rows = pa.table(
+        {"row": range(index * size, (index + 1) * size), "question": ["q"] * size, "reference": [None] * size},
+        schema=INPUT_SCHEMA,
+    )
+    return ShardTask(index, index * size, (index + 1) * size, rows)
+
+
+def simulate(sim: Sim, shards: int, size: int = 1, workers: int = 3, **patience):
+    """Run `shards` shards of `size` rows on `workers` simulated workers: (each row's error, messages, outcome)."""
+    errors: dict[int, str] = {}
+    said: list[str] = []
+
+    def on_result(task, result):
+        for row, error in zip(range(task.start, task.stop), result.column("error").to_pylist()):
+            assert row not in errors, f"row {row} came back twice"
+            errors[row] = error
+
+    outcome = run_shards(
+        sim.actor,
+        (sim_shard(i, size) for i in range(shards)),
+        1,
+        on_result,
+        said.append,
+        workers,
+        Patience(**({"placement_s": 5.0, "hang_s": 5.0} | patience)),
+        ray_api=sim,
+    )
+    assert sorted(errors) == list(range(shards * size))
+    return errors, said, outcome
+
+
+def test_a_worker_the_cluster_has_no_room_for_holds_no_work():
+    """A full cluster: the third worker waits for room, holding nothing, and the job goes on with two,
+    saying so once; when a worker dies, the waiting one takes its room and its work."""
+    sim = Sim(room=2, score_s=0.03)
+    sim.kill_once = {150}
+    with_wait = patch_say_after(0.05)
+    try:
+        errors, said, outcome = simulate(sim, 200)
+    finally:
+        with_wait()
+    assert set(errors.values()) == {"ok"} and outcome.deaths == 1
+    waiting = [s for s in said if "waiting for room" in s]
+    assert waiting[0] == "2 of 3 workers running; waiting for room for 1 more (no figures from the cluster)"
+    assert sim.actors[2].scored and min(sim.actors[2].scored) >= 140  # placed only once the death made room
+    assert len(waiting) <= 3  # said when the figures change, not every check
+
+
+def patch_say_after(seconds: float):
+    import bulkscore.jobs.schedule as schedule
+
+    before = schedule.SAY_WAITING_AFTER_S
+    schedule.SAY_WAITING_AFTER_S = seconds
+    return lambda: setattr(schedule, "SAY_WAITING_AFTER_S", before)
+
+
+def test_no_room_for_any_worker_stops_the_job_after_the_placement_timeout():
+    with pytest.raises(JobError, match=r"no worker could be placed for 0.3 s: no figures from the cluster\. Finished"):
+        simulate(Sim(room=0), 10, placement_s=0.3)
+
+
+def test_workers_that_die_while_loading_are_replaced():
+    sim = Sim(room=2)
+    sim.die_loading = 3
+    errors, said, outcome = simulate(sim, 30, workers=2)
+    assert set(errors.values()) == {"ok"} and outcome.deaths == 3
+    assert sum(s.startswith("A worker died while starting; starting a replacement") for s in said) == 3
+    sim = Sim(room=2)
+    sim.die_loading = 10**6
+    with pytest.raises(JobError, match="workers keep dying before their model is loaded"):
+        simulate(sim, 30, workers=2)
+
+
+def test_random_deaths_condemn_no_row():
+    """Workers killed at random, often: every row is scored, none given up; shards split on the way."""
+    sim = Sim(room=3, score_s=0.02, murder_every_s=0.03, seed=1)
+    errors, _, outcome = simulate(sim, 100, size=4, workers=3)
+    assert sim.murders >= 10 and outcome.deaths >= 10
+    assert set(errors.values()) == {"ok"}
+
+
+def test_a_row_that_kills_its_worker_is_given_up_amid_random_deaths():
+    sim = Sim(room=3, score_s=0.02, murder_every_s=0.2, seed=2)
+    sim.kills = {37}
+    errors, _, _ = simulate(sim, 30, size=4, workers=3)
+    assert errors.pop(37).startswith("worker died: 3 workers died running this row alone")
+    assert set(errors.values()) == {"ok"}
+
+
+def test_a_hung_row_is_killed_retried_and_isolated():
+    sim = Sim(room=2)
+    sim.hangs = {21}
+    errors, said, outcome = simulate(sim, 12, size=4, workers=2, hang_s=0.2)
+    assert errors.pop(21).startswith("worker hung: 3 workers hung running this row alone")
+    assert set(errors.values()) == {"ok"}  # its shard-mates too
+    assert outcome.hangs >= 3 and any("A worker hung running rows" in s for s in said)
