@@ -21,6 +21,12 @@ def progress_bar(total: int, done: int, quiet: bool) -> tqdm:
     )
 
 
-def announcer(bar: tqdm, quiet: bool) -> Callable[[str], None]:
-    """Print a message above the bar without breaking it; nothing with --quiet."""
-    return (lambda text: None) if quiet else (lambda text: bar.write(text, file=sys.stderr))
+def announcer(say: Callable[[str], None]) -> Callable[[str], None]:
+    """Pass a message on to `say` (stderr, or a caller's own) without breaking the bar: bars are
+    cleared while it is written, then drawn again."""
+
+    def announce(text: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):
+            say(text)
+
+    return announce

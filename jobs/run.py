@@ -171,7 +171,7 @@ def score_on_ray(
         pieces: dict[int, list[pa.Table]] = defaultdict(list)
         total = questions.num_rows * samples
         with progress_bar(total, total - sum(s.rows for s in todo) * samples, options.quiet) as bar:
-            tell = announcer(bar, options.quiet)
+            tell = announcer(say)
 
             def on_ready(info: dict) -> None:
                 if timings["startup_s"] is None:

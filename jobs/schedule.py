@@ -31,7 +31,7 @@ IN_FLIGHT_PER_WORKER = 2
 ROW_DEATHS = 3  # deaths while a single row ran alone before it is given up
 WAIT_S = 0.5
 CHECK_EVERY_S = 0.5  # how often workers' progress and the cluster's room are looked at
-SAY_WAITING_AFTER_S = 5.0  # a worker not placed this long is worth a message
+SAY_WAITING_AFTER_S = 3.0  # a worker not placed this long is worth a message
 DEFAULT_PLACEMENT_TIMEOUT_S = 600.0
 DEFAULT_HANG_TIMEOUT_S = 300.0
 
