@@ -154,6 +154,8 @@ def score_on_ray(
     startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed;
     the device and dtype the model ran in, and whether every worker's results were batch-invariant.
     """
+    from ray.exceptions import RayError
+
     from bulkscore.jobs.schedule import run_shards, start_workers
 
     samples = spec.scoring.generation.num_samples
@@ -195,17 +197,26 @@ def score_on_ray(
                     store.write(shard, shard_rows(questions, whole))
 
             tasks = (shard_task(questions, s.index, s.start, s.stop) for s in todo)  # drawn as workers free up
-            outcome = run_shards(
-                start_workers(pool, model, spec.scoring),
-                tasks,
-                samples,
-                on_result,
-                tell,
-                workers=pool.workers,
-                patience=options.patience,
-                on_ready=on_ready,
-                room=RayRoom(pool, options.address),
-            )
+            try:
+                outcome = run_shards(
+                    start_workers(pool, model, spec.scoring),
+                    tasks,
+                    samples,
+                    on_result,
+                    tell,
+                    workers=pool.workers,
+                    patience=options.patience,
+                    on_ready=on_ready,
+                    room=RayRoom(pool, options.address),
+                )
+            except RayError as error:  # the cluster itself failed (the head lost, the connection cut)
+                lines = str(error).strip().splitlines() or [type(error).__name__]
+                kept = (
+                    f"Finished shards are kept in {store.folder}; the same command resumes"
+                    if isinstance(store, PartStore)
+                    else "Nothing was written (no output)"
+                )
+                raise JobError(f"Ray failed mid-job on {where}: {lines[0][:300]}. {kept}") from None
     infos = outcome.infos
     return {
         "workers": pool.workers,

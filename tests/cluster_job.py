@@ -1,6 +1,7 @@
 """Jobs on a three-node Ray cluster (all on 127.0.0.1, one CPU each) that loses workers and nodes.
 
-Run by tests/test_cluster.py in a process of its own: python -m tests.cluster_job MODEL OUTPUT MODE.
+Run by tests/test_cluster.py in a process of its own: python -m tests.cluster_job MODEL OUTPUT MODE
+(or `python -m tests.cluster_job serve`: a plain two-CPU cluster, no token authentication).
 
 - node-loss: three workers fill the cluster; once two parts are on disk a node is removed, so its
   worker's replacement finds no room: the job must go on with two.
@@ -50,7 +51,18 @@ def scorers(node) -> list[int]:
     return [int(line.split()[0]) for line in found.stdout.splitlines() if "ray::ShardScorer" in line]
 
 
+def serve() -> None:
+    """A two-CPU cluster without token authentication, until standard input closes."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    print(f"ADDRESS {cluster.address}", flush=True)
+    sys.stdin.read()
+    cluster.shutdown()
+
+
 def main() -> None:
+    if sys.argv[1] == "serve":
+        return serve()
     model, output, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 CRASH_NEEDLE = "CRASH-THE-WORKER"
+HANG_NEEDLE = "bulkscore-test-hang"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -61,10 +62,11 @@ def ray_instance():
     """One private Ray instance for the tests that run jobs in-process (the CLI reuses it)."""
     import ray
 
-    from bulkscore.workers.faults import CRASH_ON_QUESTION
+    from bulkscore.workers.faults import CRASH_ON_QUESTION, HANG_ON_QUESTION
 
-    # Ray's processes inherit this: a worker given a question holding it dies by SIGKILL.
+    # Ray's processes inherit these: a worker given a question holding one dies by SIGKILL, or hangs.
     os.environ[CRASH_ON_QUESTION] = CRASH_NEEDLE
+    os.environ[HANG_ON_QUESTION] = HANG_NEEDLE
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()

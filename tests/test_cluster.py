@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tests.helpers import QUESTIONS
+from tests.helpers import QUESTIONS, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +63,57 @@ def test_a_job_under_chaos_finishes_with_every_row_once(tiny_model, tmp_path):
         f"chaos: {summary['rows']} rows, {result['kills']} kills, {summary['worker_deaths']} deaths, "
         f"{result['elapsed_s']} s"
     )
+
+
+def test_a_cluster_without_tokens_is_detected_or_one_error_line(tiny_model, tmp_path):
+    """A token file at home (any local run leaves one) used to switch on token mode against a cluster
+    that does not use it: every worker died, a 40-line traceback. Now the mode is tried first and
+    the job runs; with RAY_AUTH_MODE=token forced, one `Error:` line says what to change."""
+    questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS[:2])
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a" * 64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "BULKSCORE_CRASH"))}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster_job", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        address = server.stdout.readline().split()[1]
+
+        def run(**extra) -> subprocess.CompletedProcess:
+            command = "from bulkscore.jobs.cli import cli; cli()"
+            options = ["--address", address, "--workers", "1", "--cpus-per-worker", "1", "--max-new-tokens", "4"]
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    command,
+                    "run",
+                    str(questions),
+                    "--model",
+                    str(tiny_model),
+                    *options,
+                    "-o",
+                    str(tmp_path / f"answers-{len(extra)}.parquet"),
+                ],
+                env=env | {"HOME": str(home)} | extra,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
+        guessed = run()
+        assert guessed.returncode == 0, guessed.stderr[-3000:]
+        forced = run(RAY_AUTH_MODE="token")
+        assert forced.returncode == 1 and "Traceback" not in forced.stderr, forced.stderr[-3000:]
+        [error] = [line for line in forced.stderr.splitlines() if line.startswith("Error:")]
+        assert "it never ran" in error and "run with RAY_AUTH_MODE=disabled" in error, error
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)

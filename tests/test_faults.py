@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from bulkscore.jobs.cli import cli
-from tests.conftest import CRASH_NEEDLE
+from tests.conftest import CRASH_NEEDLE, HANG_NEEDLE
 from tests.helpers import QUESTIONS, kill_job, write_jsonl
 
 RESULTS = ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss")
@@ -102,6 +102,26 @@ def test_a_row_that_kills_every_worker_is_isolated(tiny_model, tmp_path):
     expected = pq.read_table(clean).to_pydict()
     for column in RESULTS:
         assert table[column][:3] + table[column][4:] == expected[column], column
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_row_that_hangs_its_worker_is_isolated_and_its_shard_mates_scored(tiny_model, tmp_path):
+    """A worker that stops making progress (its model thread blocked, the process alive) is killed
+    after --hang-timeout like a dead one; the row is isolated as `worker hung`."""
+    rows = [dict(q) for q in QUESTIONS[:4]]
+    rows[1]["question"] = f"{HANG_NEEDLE}: how many gram per 6 kg?"
+    questions = write_jsonl(tmp_path / "q.jsonl", rows)
+    output = tmp_path / "answers.parquet"
+    options = ("--max-new-tokens", "4", "--shard-size", "2", "--workers", "1", "--hang-timeout", "2")
+    result = invoke(questions, "--model", tiny_model, "-o", output, *options)
+    assert result.exit_code == 0, result.output
+    assert "A worker hung running rows 0-1 of shard 0" in result.stderr
+    table = pq.read_table(output).to_pydict()
+    assert table["id"] == [q["id"] for q in rows]
+    assert table["error"][1].startswith("worker hung: 3 workers hung running this row alone"), table["error"]
+    assert table["error"][:1] + table["error"][2:] == [None] * 3  # its shard-mate too
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert summary["error_kinds"] == {"worker hung": 1} and summary["worker_hangs"] >= 3
 
 
 SECRET = "hf_bulkscoreTestSecret0123456789"
