@@ -154,12 +154,12 @@ def score_on_ray(
     startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed;
     the device and dtype the model ran in, and whether every worker's results were batch-invariant.
     """
-    from ray.exceptions import RayError
-
     from bulkscore.jobs.schedule import run_shards, start_workers
 
     samples = spec.scoring.generation.num_samples
     with ray_session(options.address) as where:
+        from ray.exceptions import RayError  # only now: ray_session sets Ray's mode before its import
+
         pool = plan_pool(options.workers, options.cpus_per_worker, options.gpus_per_worker, len(todo))
         # Each worker's torch uses as many threads as the CPUs Ray gave it.
         model = replace(spec.model, threads=spec.model.threads or max(1, int(pool.cpus_per_worker)))

@@ -32,6 +32,7 @@ ROW_DEATHS = 3  # deaths while a single row ran alone before it is given up
 WAIT_S = 0.5
 CHECK_EVERY_S = 0.5  # how often workers' progress and the cluster's room are looked at
 SAY_WAITING_AFTER_S = 3.0  # a worker not placed this long is worth a message
+SPREAD_WHILE_LOADING_S = 60.0  # while a worker loads (this long at most), the others take one piece each
 DEFAULT_PLACEMENT_TIMEOUT_S = 600.0
 DEFAULT_HANG_TIMEOUT_S = 300.0
 
@@ -62,6 +63,7 @@ class Worker:
     number: int
     started: float
     placed: bool = False  # Ray found it room and it runs
+    placed_at: float = 0.0
     info: dict | None = None  # what it reports once its model is loaded
     running: list = field(default_factory=list)  # [(ref, Work)], in the order it runs them
     refs: set = field(default_factory=set)  # its outstanding where/load/progress calls
@@ -90,7 +92,7 @@ def after_death(work: Work, cause: str, alone: bool, num_samples: int) -> tuple[
     """What to do with a piece whose worker died (or hung) running it: retry it alone, split it, or
     give up on it (a single row, after ROW_DEATHS deaths alone)."""
     work.around += 1
-    if not alone:
+    if not alone or not work.suspect:
         work.suspect = True
         return [work], None
     work.alone += 1
@@ -183,9 +185,10 @@ def run_shards(
     room = room or Room()
     if ray_api is None:
         import ray as ray_api
-    from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+    from ray.exceptions import ObjectLostError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
-    died = (RayActorError, WorkerCrashedError, OutOfMemoryError)
+    # A result lost with its node (ObjectLostError) is as lost as the worker that made it.
+    died = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError)
     fresh = iter(tasks)
     suspects: deque[Work] = deque()  # pieces that were running when a worker died: each runs alone
     again: deque[Work] = deque()  # pieces lost with a worker that did not cause it: before fresh ones
@@ -234,7 +237,10 @@ def run_shards(
         # While other workers are loading (or were just started), a worker takes one piece, not two,
         # so that the first shards spread over the pool.
         now = time.monotonic()
-        spread = any(w.placed or now - w.started < SAY_WAITING_AFTER_S for w in starting)
+        spread = any(
+            now - w.placed_at < SPREAD_WHILE_LOADING_S if w.placed else now - w.started < SAY_WAITING_AFTER_S
+            for w in starting
+        )
         while (work := next_piece()) is not None and (worker := pool.taker(work, not spread)) is not None:
             (again or upcoming).popleft()
             launch(worker, work)
@@ -278,10 +284,13 @@ def run_shards(
                 f"starting a replacement ({cause})"
             )
             retry, given_up = after_death(blamed, cause, len(unfinished) == 1, num_samples)
-            suspects.extendleft(reversed(retry))
             if given_up is not None:
                 on_result(blamed.task, given_up)
-            again.extend(unfinished[1:])
+            # The others that ran beside it are suspects too (a culprit running second would
+            # otherwise go on killing workers while its neighbour takes the blame), unblamed.
+            for piece in unfinished[1:]:
+                piece.suspect = True
+            suspects.extendleft(reversed(retry + unfinished[1:]))
         else:
             when = "while starting" if worker.info is None else "while idle"
             say(f"A worker died {when}; starting a replacement ({cause})")
@@ -318,6 +327,8 @@ def run_shards(
             elif worker.probe is None and now - worker.probed >= patience.probe_s:
                 worker.probe, worker.probed = worker.actor.progress.remote(), now
                 call(worker, "progress", worker.probe)
+        for worker in [w for w in starting if w.placed and now - w.placed_at > patience.placement_s]:
+            lose(worker, f"hung: its model did not load in {patience.placement_s:g} s")
         waiting = [w for w in starting if not w.placed]
         if pool.workers or len(waiting) < len(starting):
             no_room_since = None
@@ -330,7 +341,7 @@ def run_shards(
                 "--workers, --cpus-per-worker, --gpus-per-worker)"
             )
         long_waiting = [w for w in waiting if now - w.started > SAY_WAITING_AFTER_S]
-        state = (len(pool.workers), len(long_waiting))
+        state = len(long_waiting)
         if long_waiting and state != said_waiting:
             say(
                 f"{len(pool.workers)} of {workers} workers running; waiting for room for "
@@ -364,8 +375,10 @@ def run_shards(
                 except died as error:
                     lose(worker, death_cause(error))
                     continue
+                except RayTaskError as error:
+                    raise JobError(f"a worker failed in {kind}: {error.cause!r}") from None
                 if kind == "where":
-                    worker.placed = True
+                    worker.placed, worker.placed_at = True, time.monotonic()
                 elif kind == "load":
                     loaded(worker, answer)
                 else:
@@ -383,5 +396,8 @@ def run_shards(
             on_result(work.task, result)
     finally:
         for worker in [*starting, *pool.workers]:
-            ray_api.kill(worker.actor)
+            try:
+                ray_api.kill(worker.actor)
+            except Exception:  # the connection may be gone already: the error that ended the job matters
+                pass
     return outcome

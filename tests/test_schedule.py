@@ -140,7 +140,7 @@ def test_shards_are_drawn_from_the_input_only_as_workers_free_up():
 def test_a_row_that_kills_every_worker_is_isolated_and_the_rest_are_scored():
     _, done, ray = schedule(40, workers=3, kills=frozenset({17}))
     assert sorted(done) == list(range(40))  # 17 once, as its error row
-    assert ray.sent == 40 + 2  # row 17 tried three times: it runs alone each time
+    assert ray.sent == 40 + 3  # row 17 suspected once, then three deaths while it ran alone
 
 
 class Call:

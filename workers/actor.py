@@ -32,14 +32,13 @@ class ShardScorer:
 
     def load(self) -> dict:
         """Load the model; what the worker reports of itself (with `error` if the model failed to load)."""
-        from bulkscore.workers.models import kernels_pinned, load_model
-
         try:
+            from bulkscore.workers.models import kernels_pinned, load_model
             from bulkscore.workers.scoring import shard_engine
 
-            self.lm = load_model(self.spec)
-            self.engine = shard_engine(self.lm, self.settings)
-        except Exception as error:  # reported, so the driver can refuse the job clearly
+            lm = load_model(self.spec)
+            self.lm, self.engine = lm, shard_engine(lm, self.settings)
+        except Exception as error:  # reported (a missing package included), so the driver refuses the job clearly
             self.load_error = f"{type(error).__name__}: {error}"
             return self.where() | {"error": self.load_error}
         return self.where() | {
