@@ -567,3 +567,33 @@ def test_two_shards_in_flight_share_the_decode_tile(lm, monkeypatch):
     together = results["first"] + results["second"]
     for column in ("token_ids", "nll", "continuation_nll"):
         assert [getattr(g, column) for g in together] == [getattr(g, column) for g in alone], column
+
+
+def test_fused_nll_equals_the_whole_logits_in_both_dtypes():
+    """The vocabulary projected 4,096 entries at a time, the log-sum-exp carried in float32, equals
+    log_softmax over whole float32 logits; targets in every chunk, the last one short."""
+    from bulkscore.workers.losses import VOCAB_CHUNK, fused_nll
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 3 * VOCAB_CHUNK + 100
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(4, 8, 64, generator=generator).to(dtype)
+        weight = (torch.randn(vocab, 64, generator=generator) * 0.3).to(dtype)
+        targets = torch.randint(0, vocab, (4, 8), generator=generator)
+        targets[0, :4] = torch.tensor([0, VOCAB_CHUNK - 1, VOCAB_CHUNK, vocab - 1])
+        whole = torch.nn.functional.linear(hidden, weight).float()
+        expected = -torch.log_softmax(whole, dim=-1).gather(2, targets[..., None])[..., 0]
+        assert torch.allclose(fused_nll(hidden, weight, targets), expected, atol=1e-4), dtype
+
+
+def test_bfloat16_scoring_in_chunks_equals_whole_logits(any_lm, monkeypatch):
+    """span_nll on the model itself both ways (chunks are used in bfloat16; float32 keeps whole logits)."""
+    import bulkscore.workers.losses as losses
+
+    sequences = [any_lm.tokenizer(q["question"] + " It is 42.")["input_ids"] for q in QUESTIONS]
+    with torch.inference_mode():
+        chunked = losses.span_nll(any_lm, sequences, [1] * len(sequences))
+        monkeypatch.setattr(losses, "FUSED", False)
+        whole = losses.span_nll(any_lm, sequences, [1] * len(sequences))
+    assert losses.fusable(any_lm)
+    assert chunked == pytest.approx(whole, abs=1e-4)

@@ -20,6 +20,41 @@ from bulkscore.workers.tiles import (
     tile_rows,
 )
 
+FUSED = True  # half-precision scoring projects the vocabulary in chunks where the model allows; off: whole logits
+VOCAB_CHUNK = 4096  # vocabulary entries projected at once: [tokens, 4096] float32 stays in cache
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # logits = lm_head(norm(h)), no more
+
+
+def fusable(lm: LoadedModel) -> bool:
+    """Whether the model's logits are its output layer applied to its decoder's last hidden states and
+    nothing else (no bias, soft-capping or scaling): then fused_nll gives its NLLs."""
+    head = lm.model.get_output_embeddings()
+    return (
+        getattr(lm.model.config, "model_type", None) in FUSED_MODEL_TYPES
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and hasattr(lm.model, "get_decoder")
+    )
+
+
+def fused_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of each target token given its hidden state, without ever holding [tokens x vocabulary]
+    logits: the vocabulary is projected VOCAB_CHUNK entries at a time, each chunk's log-sum-exp
+    folded into a running one in float32, and each target's logit picked from the chunk holding it
+    (the technique of Liger's fused linear cross-entropy and Cut Cross-Entropy).
+
+    hidden: [..., H] in the model's dtype; weight: [V, H]; targets: [...]. Returns float32 [...]."""
+    flat, wanted = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
+    total = torch.full(wanted.shape, -float("inf"), dtype=torch.float32, device=hidden.device)
+    picked = torch.zeros(wanted.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        logits = torch.nn.functional.linear(flat, weight[start : start + VOCAB_CHUNK]).float()  # [N, c]
+        total = torch.logaddexp(total, torch.logsumexp(logits, dim=-1))
+        inside = (wanted >= start) & (wanted < start + logits.shape[1])
+        at = (wanted - start).clamp(0, logits.shape[1] - 1)[:, None]
+        picked = torch.where(inside, logits.gather(1, at)[:, 0], picked)
+    return (total - picked).view(targets.shape)
+
 
 @dataclass
 class Scoring:
@@ -65,6 +100,11 @@ def span_nll(
     sequence starts with it and scores nothing inside it, its keys and values are copied, not computed.
     """
     shared = SharedPrefix(lm, prefix)
+    # Measured on a 2-layer model with a 49,152-word vocabulary, 128 sequences of 31 tokens: in
+    # bfloat16 the chunks take 0.35 s where whole logits take 0.54 (their float32 copy is the cost);
+    # in float32 there is no copy and one whole product is faster (0.44 s against 0.60).
+    chunked = FUSED and lm.dtype != torch.float32 and fusable(lm)
+    fused = lm.model.get_output_embeddings().weight if chunked else None
     results: list[float | None] = [None] * len(sequences)
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, (sequence, start) in enumerate(zip(sequences, starts)):
@@ -81,9 +121,12 @@ def span_nll(
                     rows[row] = start_scoring(tile, row, shared, i, sequences[i], starts[i])
             feeds = [run.pieces[run.fed] if run else None for run in rows]
             targets, _ = right_aligned([run and run.targets[run.fed][0] for run in rows], tile.rows, tile.width, 0)
-            logits = tile.forward(feeds, last_only=False)  # [R, W, V]
+            if fused is not None:
+                nll = fused_nll(tile.hidden(feeds), fused, targets)  # [R, W]
+            else:
+                logits = tile.forward(feeds, last_only=False)  # [R, W, V]
+                nll = -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]
             tick()  # one more call done: the worker is making progress
-            nll = -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]  # [R, W]
             for row, run in enumerate(rows):
                 if run is None:
                     continue

@@ -104,6 +104,19 @@ class Tile:
 
         Returns float32 logits: [rows, vocab] of the last column if `last_only`, else [rows, width, vocab].
         """
+        kwargs = self.inputs(feeds)
+        if self.lm.keeps_logits:
+            kwargs["logits_to_keep"] = 1 if last_only else 0
+        logits = self.lm.model(**kwargs).logits  # [R, 1 or W, V]
+        return logits[:, -1].float() if last_only else logits.float()
+
+    def hidden(self, feeds: Sequence[tuple[Sequence[int], int] | None]) -> torch.Tensor:
+        """The same call without the vocabulary projection: the last layer's normed hidden states,
+        [rows, width, hidden], in the model's dtype (losses.fused_nll projects them a chunk at a time)."""
+        return self.lm.model.get_decoder()(**self.inputs(feeds)).last_hidden_state
+
+    def inputs(self, feeds: Sequence[tuple[Sequence[int], int] | None]) -> dict:
+        """The model's keyword arguments for one call (forward's `feeds`), the cache's writes set."""
         device = self.lm.device
         ids, real = right_aligned([feed and feed[0] for feed in feeds], self.rows, self.width, self.lm.pad_token_id)
         firsts = torch.tensor([feed[1] - (self.width - len(feed[0])) if feed else 0 for feed in feeds])
@@ -116,13 +129,13 @@ class Tile:
         sees_row = (self.positions <= position[..., None]) & (self.positions < self.length)  # [R, W, S]
         sees_scratch = self.positions == self.scratch[:, None]  # [W, S]
         mask = torch.where(real[..., None], sees_row, sees_scratch)[:, None]  # [R, 1, W, S]
-        kwargs = {self.lm.cache_argument: self.cache}
-        if self.lm.keeps_logits:
-            kwargs["logits_to_keep"] = 1 if last_only else 0
-        logits = self.lm.model(
-            input_ids=ids, position_ids=position, attention_mask=mask, use_cache=True, **kwargs
-        ).logits  # [R, 1 or W, V]
-        return logits[:, -1].float() if last_only else logits.float()
+        return {
+            "input_ids": ids,
+            "position_ids": position,
+            "attention_mask": mask,
+            "use_cache": True,
+            self.lm.cache_argument: self.cache,
+        }
 
 
 def right_aligned(
