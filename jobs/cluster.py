@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,45 @@ def ray_session(address: str | None) -> Iterator[str]:
         yield "a private local Ray instance" if is_private(address) else f"the Ray cluster at {address}"
     finally:
         ray.shutdown()
+
+
+HEAD_CHECK_S = 3.0
+HEAD_LOST_AFTER = 4  # failed checks in a row (~12 s): well before Ray's own 60 s, which ends in a C++ log line
+
+
+@contextmanager
+def watching_the_head(on_lost: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, check every few seconds that the head's GCS port still accepts a
+    connection; if it stops (the head died, the network is cut), call on_lost(address) from the
+    watching thread. Without this, Ray's driver waits 60 s and exits with a C++ log line. Only for a
+    cluster joined by address: a private instance lives and dies with this process."""
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    host, _, port = (gcs or "").rpartition(":")
+    if not host or not port.isdigit():
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        failures = 0
+        while not stop.wait(HEAD_CHECK_S):
+            try:
+                socket.create_connection((host, int(port)), timeout=HEAD_CHECK_S).close()
+                failures = 0
+            except OSError:
+                failures += 1
+                if failures >= HEAD_LOST_AFTER:
+                    on_lost(gcs)
+                    return
+
+    watcher = threading.Thread(target=watch, name="bulkscore-head-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def plan_pool(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
-from bulkscore.jobs.cluster import RayRoom, plan_pool, ray_session
+from bulkscore.jobs.cluster import RayRoom, is_private, plan_pool, ray_session, watching_the_head
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.gather import (
     FOLDER_MANIFEST,
@@ -197,18 +200,30 @@ def score_on_ray(
                     store.write(shard, shard_rows(questions, whole))
 
             tasks = (shard_task(questions, s.index, s.start, s.stop) for s in todo)  # drawn as workers free up
-            try:
-                outcome = run_shards(
-                    start_workers(pool, model, spec.scoring),
-                    tasks,
-                    samples,
-                    on_result,
-                    tell,
-                    workers=pool.workers,
-                    patience=options.patience,
-                    on_ready=on_ready,
-                    room=RayRoom(pool, options.address),
+
+            def head_lost(gcs: str) -> None:
+                # From the watching thread: Ray would end the process in a minute with a C++ log line.
+                sys.stderr.write(
+                    f"\nError: lost the Ray head at {gcs} mid-job (no answer for ~12 s). Finished shards are "
+                    f"kept in {store.folder}; the same command resumes once the cluster is back\n"
                 )
+                sys.stderr.flush()
+                os._exit(1)
+
+            watch = watching_the_head(head_lost) if not is_private(options.address) else nullcontext()
+            try:
+                with watch:
+                    outcome = run_shards(
+                        start_workers(pool, model, spec.scoring),
+                        tasks,
+                        samples,
+                        on_result,
+                        tell,
+                        workers=pool.workers,
+                        patience=options.patience,
+                        on_ready=on_ready,
+                        room=RayRoom(pool, options.address),
+                    )
             except RayError as error:  # the cluster itself failed (the head lost, the connection cut)
                 lines = str(error).strip().splitlines() or [type(error).__name__]
                 kept = (

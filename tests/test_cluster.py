@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -73,16 +74,8 @@ def test_a_cluster_without_tokens_is_detected_or_one_error_line(tiny_model, tmp_
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("a" * 64)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "BULKSCORE_CRASH"))}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.cluster_job", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    env = plain_env()
+    server = serve(env)
     try:
         address = server.stdout.readline().split()[1]
 
@@ -117,3 +110,64 @@ def test_a_cluster_without_tokens_is_detected_or_one_error_line(tiny_model, tmp_
     finally:
         server.stdin.close()
         server.wait(timeout=60)
+
+
+def plain_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "BULKSCORE_CRASH"))}
+
+
+def serve(env: dict) -> subprocess.Popen:
+    """A two-CPU loopback cluster without token authentication; closing its stdin shuts it down."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster_job", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_the_head_going_away_mid_job_is_one_error_line(tiny_model, tmp_path):
+    """The cluster's head dies while the job runs: one `Error:` line within seconds (Ray's own driver
+    would wait a minute and end with a C++ log line), exit 1, the finished shards kept."""
+    rows = [{"id": i, "question": f"How many gram are there per {i} kg?", "answer": 1000 * i} for i in range(400)]
+    questions = write_jsonl(tmp_path / "questions.jsonl", rows)
+    output = tmp_path / "answers.parquet"
+    env = plain_env() | {"RAY_AUTH_MODE": "disabled"}
+    server = serve(env)
+    address = server.stdout.readline().split()[1]
+    command = "from bulkscore.jobs.cli import cli; cli()"
+    options = ["--workers", "1", "--cpus-per-worker", "1", "--max-new-tokens", "32", "--shard-size", "4", "--quiet"]
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            command,
+            "run",
+            str(questions),
+            "--model",
+            str(tiny_model),
+            "--address",
+            address,
+            "-o",
+            str(output),
+            *options,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    parts = tmp_path / "answers.parquet.parts"
+    deadline = time.monotonic() + 120
+    while not (parts.exists() and list(parts.glob("part-*.parquet"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    server.stdin.close()
+    server.wait(timeout=60)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    [error] = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith(f"Error: lost the Ray head at {address} mid-job") and str(parts) in error
+    assert list(parts.glob("part-*.parquet"))
