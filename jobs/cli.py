@@ -173,8 +173,8 @@ def cli() -> None:
     type=click.FloatRange(min=0, min_open=True),
     default=default("placement_timeout"),
     show_default=True,
-    help="Seconds with no worker placed at all (the cluster has no room) before the job stops; "
-    "finished shards are kept for a resume.",
+    help="Seconds with no worker placed at all (the cluster has no room) before the job stops, "
+    "finished shards kept for a resume; also the longest a placed worker may take to load its model.",
 )
 @click.option(
     "--hang-timeout",
