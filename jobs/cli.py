@@ -53,6 +53,17 @@ class AutoOrWhole(click.ParamType):
             self.fail(error.problem, param, ctx)
 
 
+def seconds_option(name: str, help: str):
+    """A patience option of `run`: seconds above 0, bulkscore.run's default."""
+    return click.option(
+        "--" + name.replace("_", "-"),
+        type=click.FloatRange(min=0, min_open=True),
+        default=default(name),
+        show_default=True,
+        help=help,
+    )
+
+
 def jobs_address(command):
     """The Ray Jobs address option of submit, status, logs and stop."""
     return click.option(
@@ -168,21 +179,15 @@ def cli() -> None:
     show_default=True,
     help="Rows decoded at once per worker, at most one tile of 64; results do not depend on it.",
 )
-@click.option(
-    "--placement-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=default("placement_timeout"),
-    show_default=True,
-    help="Seconds with no worker placed at all (the cluster has no room) before the job stops, "
-    "finished shards kept for a resume; also the longest a placed worker may take to load its model.",
+@seconds_option(
+    "placement_timeout",
+    "Seconds with no worker placed at all (the cluster has no room) before the job stops, finished "
+    "shards kept for a resume; also the longest a placed worker may take to load its model.",
 )
-@click.option(
-    "--hang-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=default("hang_timeout"),
-    show_default=True,
-    help="Seconds a busy worker may go without finishing a model call before it counts as hung "
-    "(killed, its shards run again).",
+@seconds_option(
+    "hang_timeout",
+    "Seconds a busy worker may go without finishing a model call before it counts as hung (killed, "
+    "its shards run again).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary still prints.")
 def run(inputs, output, **options):

@@ -80,21 +80,10 @@ def test_a_cluster_without_tokens_is_detected_or_one_error_line(tiny_model, tmp_
         address = server.stdout.readline().split()[1]
 
         def run(**extra) -> subprocess.CompletedProcess:
-            command = "from bulkscore.jobs.cli import cli; cli()"
-            options = ["--address", address, "--workers", "1", "--cpus-per-worker", "1", "--max-new-tokens", "4"]
+            output = tmp_path / f"answers-{len(extra)}.parquet"
+            options = ["--workers", "1", "--cpus-per-worker", "1", "--max-new-tokens", "4"]
             return subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    command,
-                    "run",
-                    str(questions),
-                    "--model",
-                    str(tiny_model),
-                    *options,
-                    "-o",
-                    str(tmp_path / f"answers-{len(extra)}.parquet"),
-                ],
+                run_command(questions, tiny_model, address, output, options),
                 env=env | {"HOME": str(home)} | extra,
                 capture_output=True,
                 text=True,
@@ -110,6 +99,12 @@ def test_a_cluster_without_tokens_is_detected_or_one_error_line(tiny_model, tmp_
     finally:
         server.stdin.close()
         server.wait(timeout=60)
+
+
+def run_command(questions: Path, model: Path, address: str, output: Path, options: list[str]) -> list[str]:
+    """`bulkscore run` against the cluster at `address`, in a process of its own."""
+    program = [sys.executable, "-c", "from bulkscore.jobs.cli import cli; cli()"]
+    return [*program, "run", str(questions), "--model", str(model), "--address", address, "-o", str(output), *options]
 
 
 def plain_env() -> dict:
@@ -138,23 +133,9 @@ def test_the_head_going_away_mid_job_is_one_error_line(tiny_model, tmp_path):
     env = plain_env() | {"RAY_AUTH_MODE": "disabled"}
     server = serve(env)
     address = server.stdout.readline().split()[1]
-    command = "from bulkscore.jobs.cli import cli; cli()"
     options = ["--workers", "1", "--cpus-per-worker", "1", "--max-new-tokens", "32", "--shard-size", "4", "--quiet"]
     job = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            command,
-            "run",
-            str(questions),
-            "--model",
-            str(tiny_model),
-            "--address",
-            address,
-            "-o",
-            str(output),
-            *options,
-        ],
+        run_command(questions, tiny_model, address, output, options),
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
