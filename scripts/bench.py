@@ -3,7 +3,8 @@
     python scripts/bench.py [--questions 128] [--max-new-tokens 32] [--peers one,batched,raydata,bulkscore]
 
 Each peer runs as its own process, timed from its start to its output file (imports, Ray start and
-model load included), with greedy decoding of chat prompts:
+model load included), with greedy decoding of chat prompts (`--prompt-format raw`: the questions as
+they are, for every peer):
   one        transformers `generate`, one question at a time
   batched    transformers `generate`, batches of 32 in float32 with left padding (the assignment's
              `batched_generate`)
@@ -39,7 +40,10 @@ PEERS = ("one", "batched", "raydata", "bulkscore", "warm", "before")
 PEER_BATCH = 32
 
 
-def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+def prompts_for(tokenizer, questions: list[str], prompt_format: str) -> list[str]:
+    """The questions as `bulkscore run --prompt-format` words them: chat (the template) or raw."""
+    if prompt_format == "raw":
+        return list(questions)
     return [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         for q in questions
@@ -55,11 +59,12 @@ def load_hf(model: str, device: str):
     return tokenizer, lm
 
 
-def hf_generate(tokenizer, lm, prompts: list[str], max_new_tokens: int) -> list[int]:
+def hf_generate(tokenizer, lm, prompts: list[str], max_new_tokens: int, raw: bool = False) -> list[int]:
     """Greedy completions of a batch; returns each one's token count up to and with its EOS."""
     import torch
 
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    # A chat template writes its special tokens as text; raw prompts get the tokenizer's own, as in bulkscore.
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=raw).to(lm.device)
     with torch.inference_mode():
         out = lm.generate(
             **inputs,
@@ -78,26 +83,27 @@ def run_transformers(args, batch: int) -> None:
 
     questions = [json.loads(line)["question"] for line in Path(args.input).read_text().splitlines()]
     tokenizer, lm = load_hf(args.model, args.device)
-    prompts = chat_prompts(tokenizer, questions)
+    prompts = prompts_for(tokenizer, questions, args.prompt_format)
     tokens = []
     for i in range(0, len(prompts), batch):
-        tokens += hf_generate(tokenizer, lm, prompts[i : i + batch], args.max_new_tokens)
+        tokens += hf_generate(tokenizer, lm, prompts[i : i + batch], args.max_new_tokens, args.prompt_format == "raw")
     pq.write_table(pa.table({"num_completion_tokens": tokens}), args.output)
 
 
 class RayDataGenerator:
     """What a Ray Data user writes: a callable class that loads the model once per actor."""
 
-    def __init__(self, model: str, device: str, max_new_tokens: int):
+    def __init__(self, model: str, device: str, max_new_tokens: int, prompt_format: str):
         import torch
 
         torch.set_num_threads(os.cpu_count())  # Ray sets one thread per CPU it reserved
         self.tokenizer, self.lm = load_hf(model, device)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.prompt_format = max_new_tokens, prompt_format
 
     def __call__(self, batch: dict) -> dict:
-        prompts = chat_prompts(self.tokenizer, list(batch["question"]))
-        batch["num_completion_tokens"] = hf_generate(self.tokenizer, self.lm, prompts, self.max_new_tokens)
+        prompts = prompts_for(self.tokenizer, list(batch["question"]), self.prompt_format)
+        raw = self.prompt_format == "raw"
+        batch["num_completion_tokens"] = hf_generate(self.tokenizer, self.lm, prompts, self.max_new_tokens, raw)
         return batch
 
 
@@ -109,7 +115,7 @@ def run_raydata(args) -> None:
     dataset = ray.data.read_json(args.input)
     dataset = dataset.map_batches(
         RayDataGenerator,
-        fn_constructor_args=(args.model, args.device, args.max_new_tokens),
+        fn_constructor_args=(args.model, args.device, args.max_new_tokens, args.prompt_format),
         # One CPU reserved, so that Ray Data's read and write tasks can still run beside it.
         batch_size=PEER_BATCH,
         concurrency=1,
@@ -140,6 +146,8 @@ def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
                 str(output),
                 "--max-new-tokens",
                 str(args.max_new_tokens),
+                "--prompt-format",
+                args.prompt_format,
                 "--quiet",
                 *address,
                 *model,
@@ -163,6 +171,8 @@ def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
             args.device,
             "--max-new-tokens",
             str(args.max_new_tokens),
+            "--prompt-format",
+            args.prompt_format,
         ],
         output,
     )
@@ -198,7 +208,7 @@ def compare(args) -> None:
             stop_head(args.head)
     reference = results.get("bulkscore", (None, None))[0]
     print(
-        f"{args.questions} questions x {args.max_new_tokens} new tokens, chat prompts, greedy; "
+        f"{args.questions} questions x {args.max_new_tokens} new tokens, {args.prompt_format} prompts, greedy; "
         f"{time.strftime('%Y-%m-%d')}, {machine()}"
     )
     print("| peer | wall s | rows/s | generated tokens/s | peer time / bulkscore time |")
@@ -228,6 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-format", default="chat", choices=["chat", "raw"], help="for every peer")
     parser.add_argument("--peers", default=",".join(PEERS[:5]), type=lambda s: s.split(","))
     parser.add_argument("--model", dest="model_given", help="model folder [default: the embedded SmolLM2-135M]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
