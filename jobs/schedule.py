@@ -100,9 +100,14 @@ def after_death(work: Work, cause: str, alone: bool, num_samples: int) -> tuple[
         return [Work(half, suspect=True, around=work.around) for half in work.task.halves()], None
     if work.alone < ROW_DEATHS:
         return [work], None
-    what = "hung" if cause.startswith("hung") else "died"
+    what = what_happened(cause)
     message = f"worker {what}: {work.alone} workers {what} running this row alone, {work.around} in all (last: {cause})"
     return [], error_result(work.task, num_samples, message)
+
+
+def what_happened(cause: str) -> str:
+    """ "hung" for a worker the driver killed for making no progress (its cause starts so), else "died"."""
+    return "hung" if cause.startswith("hung") else "died"
 
 
 def death_cause(error: BaseException) -> str:
@@ -257,7 +262,7 @@ def run_shards(
         elsewhere, and start a replacement."""
         nonlocal start_deaths
         outcome.deaths += 1
-        outcome.hangs += cause.startswith("hung")
+        outcome.hangs += what_happened(cause) == "hung"
         pool.remove(worker)
         starting.discard(worker)
         for ref in worker.refs:
@@ -278,7 +283,7 @@ def run_shards(
             unfinished.append(piece)
         if unfinished:
             blamed, task = unfinished[0], unfinished[0].task
-            what = "hung" if cause.startswith("hung") else "died"
+            what = what_happened(cause)
             say(
                 f"A worker {what} running rows {task.start}-{task.stop - 1} of shard {task.index}; "
                 f"starting a replacement ({cause})"

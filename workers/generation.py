@@ -51,10 +51,14 @@ class Generated:
     token_ids: tuple[int, ...]  # the completion's tokens, EOS included when it stopped on one
     text: str
     finish_reason: str  # "stop" | "length"
-    nll: float | None = None  # mean NLL of token_ids given the prompt, from generation's own logits
+    token_nlls: tuple[float, ...] = ()  # each of token_ids' NLL given the prompt, from generation's own logits
     continuation_nll: float | None = None  # mean NLL of the request's continuation after the prompt
-    token_nlls: tuple[float, ...] = ()  # each of token_ids' NLL (their mean is `nll`)
     prompt_nlls: tuple[float, ...] | None = None  # prompt tokens 1.. each given those before (score_prompts)
+
+    @property
+    def nll(self) -> float | None:
+        """Mean NLL of token_ids given the prompt (completion_loss)."""
+        return sum(self.token_nlls) / len(self.token_nlls) if self.token_nlls else None
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:
@@ -309,15 +313,7 @@ class Decoder:
     def finish(self, run: Running) -> Generated:
         g = trim_completion(run.tokens, self.lm, self.settings)
         kept = run.nlls[: len(g.token_ids)]
-        return Generated(
-            g.token_ids,
-            g.text,
-            g.finish_reason,
-            sum(kept) / len(kept) if kept else None,
-            run.continuation_nll,
-            tuple(kept),
-            run.prompt_nlls,
-        )
+        return Generated(g.token_ids, g.text, g.finish_reason, tuple(kept), run.continuation_nll, run.prompt_nlls)
 
     def step(self) -> None:
         """One decode call: each running slot feeds its last token, at the position after its others."""
@@ -393,7 +389,7 @@ class Engine:
                 except Exception as raised:  # confined to this decoder's requests: they fail with it
                     error = raised
                 self.seconds["generate_s"] += time.perf_counter() - started
-                self.calls += 1
+                self.tick()
                 with self.condition:
                     if error is not None:
                         decoder.fail(error)
@@ -418,6 +414,7 @@ class Engine:
         return self.model_thread.submit(score).result()
 
     def tick(self) -> None:
+        """One more model call finished (on the model thread)."""
         self.calls += 1
 
     def take_seconds(self) -> dict[str, float]:
@@ -431,12 +428,8 @@ class Engine:
 
 
 def generate(
-    lm: LoadedModel,
-    requests: Sequence[Request],
-    settings: GenerationSettings,
-    prefix: Sequence[int] = (),
-    score_prompts: bool = False,
+    lm: LoadedModel, requests: Sequence[Request], settings: GenerationSettings, prefix: Sequence[int] = ()
 ) -> list[Generated]:
     """One Generated per request, each as it would be alone. `prefix`: the tokens every prompt of the
-    job starts with (prompts.shared_start), computed once and shared; `score_prompts`: as Engine's."""
-    return Engine(lm, settings, prefix, score_prompts).generate(requests)
+    job starts with (prompts.shared_start), computed once and shared."""
+    return Engine(lm, settings, prefix).generate(requests)
