@@ -597,3 +597,30 @@ def test_bfloat16_scoring_in_chunks_equals_whole_logits(any_lm, monkeypatch):
         whole = losses.span_nll(any_lm, sequences, [1] * len(sequences))
     assert losses.fusable(any_lm)
     assert chunked == pytest.approx(whole, abs=1e-4)
+
+
+def test_bfloat16_weights_are_packed_where_onednn_computes_them_and_agree(tiny_model, monkeypatch):
+    """On a CPU whose oneDNN computes bfloat16, every Linear is a PackedLinear and its logits equal the
+    model's own products within bfloat16's rounding; elsewhere, and in float32, nothing is packed."""
+    import bulkscore.workers.models as models
+
+    def load(dtype: str):
+        return load_model(ModelSpec(str(tiny_model), "folder", dtype=dtype, device="cpu")).model
+
+    def kinds(model) -> set[type]:
+        return {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, models.PackedLinear))}
+
+    assert kinds(load("float32")) == {torch.nn.Linear}
+    packed = load("bfloat16")
+    if not models.packs_weights(torch.device("cpu"), torch.bfloat16):
+        assert kinds(packed) == {torch.nn.Linear}
+        return
+    assert kinds(packed) == {models.PackedLinear}
+    assert packed.get_output_embeddings().weight is packed.get_input_embeddings().weight  # tied: no copy
+    monkeypatch.setattr(models, "packs_weights", lambda device, dtype: False)
+    plain = load("bfloat16")
+    assert kinds(plain) == {torch.nn.Linear}
+    ids = torch.tensor([[5, 17, 3, 9, 11, 2, 30, 7]])
+    with torch.inference_mode():
+        ours, theirs = packed(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
+    assert torch.allclose(ours, theirs, atol=0.05, rtol=0.02)

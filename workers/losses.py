@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bulkscore.workers.models import LoadedModel
+from bulkscore.workers.models import LoadedModel, PackedLinear
 from bulkscore.workers.tiles import (
     CHUNK,
     PREFILL_ROWS,
@@ -31,7 +31,7 @@ def fusable(lm: LoadedModel) -> bool:
     head = lm.model.get_output_embeddings()
     return (
         getattr(lm.model.config, "model_type", None) in FUSED_MODEL_TYPES
-        and type(head) is torch.nn.Linear
+        and type(head) in (torch.nn.Linear, PackedLinear)
         and head.bias is None
         and hasattr(lm.model, "get_decoder")
     )

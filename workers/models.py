@@ -113,6 +113,47 @@ def kernels_pinned(device: torch.device) -> bool:
     return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 
 
+PACK_ROWS = 64  # the rows oneDNN lays weights out for: a decode tile's (workers.tiles.DECODE_ROWS)
+
+
+class PackedLinear(torch.nn.Module):
+    """A bias-or-not Linear whose weight oneDNN laid out once, in its own blocked format, instead of
+    at every call: bfloat16 products of a decode tile's shape take ~25% less time (measured, [64, 576]
+    x [576, 1536]: 0.28 ms against 0.36). The kernels are oneDNN's, as for torch's own bfloat16
+    products on CPUs, and the tiles' fixed shapes keep a row's numbers its own."""
+
+    def __init__(self, linear: torch.nn.Linear, keep_weight: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+        self.bias = linear.bias
+        # The output layer keeps its weight (tied to the embeddings, so no copy) for losses.fused_nll.
+        self.weight = linear.weight if keep_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this model's products run on oneDNN with packed weights: bfloat16 on a CPU that oneDNN
+    computes bfloat16 on. Float32 stays on MKL, whose reproducible mode pin_kernels asks for."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def pack_weights(model: torch.nn.Module) -> None:
+    """Swap every nn.Linear of the model for a PackedLinear (packs_weights says where that pays)."""
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, PackedLinear(child, keep_weight=child is head))
+
+
 SMALL_MODEL = 2**20  # parameters: below this, a call's own Python costs more than its arithmetic
 MAX_TILE_SCALE = 8
 
@@ -146,6 +187,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         model = apply_adapter(model, spec.adapter)
     model = model.to(device).eval()
     use_tile_attention(model)
+    if packs_weights(device, dtype):
+        pack_weights(model)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
