@@ -23,14 +23,22 @@ def test_importing_the_driver_loads_neither_torch_nor_transformers():
     assert out.stdout.strip() == "[]"
 
 
-def test_private_ray_instance_listens_on_loopback_without_dashboard():
+def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors():
+    """And it starts only what a job uses: no autoscaler monitor, log monitor or dashboard server
+    (jobs.cluster.start_private_instance), yet runs actors."""
     code = (
-        "import json, ray\n"
+        "import json, os, ray, subprocess\n"
         "from bulkscore.jobs.cluster import ray_session\n"
+        "from tests.helpers import descendants\n"
         "with ray_session(None):\n"
+        "    ran = ray.get(ray.remote(lambda: 'ran').options(num_cpus=0).remote())\n"
+        "    below = set(descendants(os.getpid()))\n"
+        "    listing = subprocess.run(['ps', '-eo', 'pid=,args='], capture_output=True, text=True).stdout\n"
+        "    commands = [line for line in listing.splitlines() if int(line.split()[0]) in below]\n"
         "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
         "                      'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"
-        "                      'dashboard': ray._private.worker._global_node.address_info.get('webui_url')}))\n"
+        "                      'dashboard': ray._private.worker._global_node.address_info.get('webui_url'),\n"
+        "                      'ran': ran, 'commands': commands}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -39,6 +47,11 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard():
     assert info["gcs"].startswith("127.0.0.1:")
     assert info["nodes"] == ["127.0.0.1"]
     assert not info["dashboard"]
+    assert info["ran"] == "ran"
+    commands = " ".join(info["commands"])
+    assert "gcs_server" in commands and "raylet" in commands
+    for left_out in ("autoscaler/_private/monitor.py", "log_monitor.py", "dashboard/dashboard.py"):
+        assert left_out not in commands
 
 
 def slow_build(target: str, log: str) -> None:

@@ -624,3 +624,24 @@ def test_bfloat16_weights_are_packed_where_onednn_computes_them_and_agree(tiny_m
     with torch.inference_mode():
         ours, theirs = packed(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
     assert torch.allclose(ours, theirs, atol=0.05, rtol=0.02)
+
+
+def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeypatch):
+    """One thread runs torch in a worker, loading included (generation.model_thread says why)."""
+    import threading
+
+    import bulkscore.workers.models as models
+    from bulkscore.workers.actor import ShardScorer
+
+    threads = []
+
+    def load(spec):
+        threads.append(threading.current_thread())
+        return models_load(spec)
+
+    models_load = models.load_model
+    monkeypatch.setattr(models, "load_model", load)
+    scorer = ShardScorer(ModelSpec(str(tiny_model), "folder", device="cpu", threads=1), settings())
+    assert "error" not in scorer.load()
+    scoring = scorer.engine.model_thread.submit(threading.current_thread).result()
+    assert threads == [scoring] and scoring is not threading.current_thread()

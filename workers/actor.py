@@ -33,11 +33,15 @@ class ShardScorer:
     def load(self) -> dict:
         """Load the model; what the worker reports of itself (with `error` if the model failed to load)."""
         try:
+            import torch
+
+            from bulkscore.workers.generation import model_thread
             from bulkscore.workers.models import kernels_pinned, load_model
             from bulkscore.workers.scoring import shard_engine
 
-            lm = load_model(self.spec)
-            self.lm, self.engine = lm, shard_engine(lm, self.settings)
+            thread = model_thread(self.spec.threads or torch.get_num_threads())  # torch runs on it alone
+            lm = thread.submit(load_model, self.spec).result()
+            self.lm, self.engine = lm, shard_engine(lm, self.settings, thread)
         except Exception as error:  # reported (a missing package included), so the driver refuses the job clearly
             self.load_error = f"{type(error).__name__}: {error}"
             return self.where() | {"error": self.load_error}

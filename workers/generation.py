@@ -325,29 +325,39 @@ class Decoder:
         self.logits = self.decode.forward(feeds, last_only=True)
 
 
+def model_thread(threads: int) -> ThreadPoolExecutor:
+    """The one thread a worker runs torch on, loading included. Each thread that runs torch brings its
+    own OpenMP team, and once two have computed, every call is slower, the first thread's too
+    (measured, a 64-row SmolLM2 decode call: 88 ms, then 153 ms once a second thread had computed;
+    91 ms with the model loaded on the thread that runs it)."""
+    return ThreadPoolExecutor(1, "bulkscore-model", initializer=torch.set_num_threads, initargs=(threads,))
+
+
 class Engine:
     """Continuous batching for every caller of one worker: requests from concurrent callers (the two
     shards a worker has in flight) share the decode tiles, so a slot freed by one shard's row is
-    refilled from the other's. All model work runs on one thread of the engine's own: two threads
-    taking turns with torch made each call ~1.5x slower here (each brings its own OpenMP team).
-    Callers add their requests and wait for their results.
+    refilled from the other's. All model work runs on one thread (model_thread, given or the engine's
+    own). Callers add their requests and wait for their results.
     """
 
     def __init__(
-        self, lm: LoadedModel, settings: GenerationSettings, prefix: Sequence[int] = (), score_prompts: bool = False
+        self,
+        lm: LoadedModel,
+        settings: GenerationSettings,
+        prefix: Sequence[int] = (),
+        score_prompts: bool = False,
+        thread: ThreadPoolExecutor | None = None,
     ) -> None:
         """`score_prompts`: each result also gets its prompt's own NLLs (Generated.prompt_nlls), from the
-        prefill's logits, for prompts that do not start with `prefix`."""
+        prefill's logits, for prompts that do not start with `prefix`. `thread`: the model_thread the
+        model was loaded on."""
         self.lm, self.settings, self.score_prompts = lm, settings, score_prompts
         self.prefix = SharedPrefix(lm, prefix)
         self.decoders: dict[int, Decoder] = {}  # cache length -> its tiles
         self.condition = threading.Condition()  # guards decoders' queues and `driving`
         self.tokenizer = threading.RLock()  # the tokenizer is used by one thread at a time
         self.driving = False
-        threads = torch.get_num_threads()
-        self.model_thread = ThreadPoolExecutor(
-            1, "bulkscore-model", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+        self.model_thread = thread or model_thread(torch.get_num_threads())
         self.seconds = {"generate_s": 0.0, "loss_s": 0.0}  # model time, by kind, since take_seconds()
         self.calls = 0  # decode rounds and scoring calls finished: progress, for the driver's hang check
 

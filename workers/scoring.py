@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -212,12 +213,15 @@ def result_table(items: Sequence[Item], losses: dict[int, tuple], settings: Scor
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 
-def shard_engine(lm: LoadedModel, settings: ScoringSettings) -> Engine:
-    """The generation engine for a job's shards on this model: one per worker, shared by its shards."""
+def shard_engine(lm: LoadedModel, settings: ScoringSettings, thread: ThreadPoolExecutor | None = None) -> Engine:
+    """The generation engine for a job's shards on this model: one per worker, shared by its shards;
+    `thread`: the model_thread the model was loaded on."""
     # Raw prompts are the question itself: question + completion, the `loss` text, is what generation
     # runs, so its prefill keeps the prompts' NLLs (item_losses).
     raw = settings.prompt.format == "raw"
-    return Engine(lm, settings.generation, shared_start(lm.tokenizer, settings.prompt), score_prompts=raw)
+    return Engine(
+        lm, settings.generation, shared_start(lm.tokenizer, settings.prompt), score_prompts=raw, thread=thread
+    )
 
 
 def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings, engine: Engine | None = None) -> pa.Table:
