@@ -77,3 +77,21 @@ def test_concurrent_preparation_builds_once(tmp_path):
     assert len(log.read_text().splitlines()) == 1
     assert json.loads((target / "config.json").read_text()) == {}
     assert sorted(p.name for p in target.parent.iterdir()) == ["m", "m.lock"]
+
+
+def test_a_files_digest_is_read_once_and_follows_its_content(tmp_path, monkeypatch):
+    import hashlib
+
+    from bulkscore.workers.embedded import converted_folder, file_digest
+
+    monkeypatch.setenv("BULKSCORE_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"weights" * 1000)
+    expected = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert file_digest(model) == expected
+    (memo,) = (tmp_path / "cache" / "digests").iterdir()
+    memo.write_text("remembered")  # a second call reads the memo, not the file
+    assert file_digest(model) == "remembered"
+    model.write_bytes(b"other weights")  # a changed file (size, change time) is read again
+    assert file_digest(model) == hashlib.sha256(b"other weights").hexdigest()
+    assert converted_folder(model).name == f"m-{hashlib.sha256(b'other weights').hexdigest()[:12]}"

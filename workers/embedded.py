@@ -40,13 +40,33 @@ def cache_root() -> Path:
 
 
 def converted_folder(gguf: Path) -> Path:
-    """Where the safetensors copy of `gguf` lives, keyed by its content (~0.2 s for 100 MB), so
-    every install of the same file shares one conversion and a changed file gets a new one."""
+    """Where the safetensors copy of `gguf` lives, keyed by its content, so every install of the same
+    file shares one conversion and a changed file gets a new one."""
+    return cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's content, remembered in the cache under its path, size and change time:
+    reading 100 MB takes ~0.2 s, once per file rather than in every driver and worker that starts."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_root() / "digests" / key
+    try:
+        return memo.read_text()
+    except OSError:
+        pass
     digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return cache_root() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    try:  # written whole or not at all; a cache that cannot be written only costs the read again
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{key}.tmp-{os.getpid()}")
+        tmp.write_text(digest.hexdigest())
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest.hexdigest()
 
 
 def is_prepared(gguf: Path) -> bool:
