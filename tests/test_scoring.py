@@ -131,6 +131,42 @@ def test_raw_loss_comes_from_generation_and_equals_the_pass(lm, monkeypatch):
             assert a["loss"] == pytest.approx(lm.model(input_ids=ids, labels=ids).loss.item(), abs=1e-4)
 
 
+def test_raw_loss_where_the_last_two_tokens_merge_comes_from_generation(lm, monkeypatch):
+    """A completion cut by max_new_tokens whose last two tokens ("\\n" "\\n") its text makes one
+    ("\\n\\n") still takes its `loss` from generation: the merged token's NLL from the logits that
+    chose the first of the two. It equals the pass and HF's own loss."""
+    from bulkscore.workers.generation import Chooser
+
+    script = [*lm.tokenizer(" The answer is 5", add_special_tokens=False)["input_ids"], 198, 198]
+    merged = lm.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    assert len(merged) == 1 and merged != [198]
+
+    def scripted(chooser, logits, steps, generators, rows=None):  # the script's token at each step
+        return torch.tensor([script[min(int(step), len(script) - 1)] for step in steps])
+
+    real, scored = Engine.span_nll, []
+
+    def recording(engine, sequences, starts, **prefixed):
+        scored.append(len(sequences))
+        return real(engine, sequences, starts, **prefixed)
+
+    monkeypatch.setattr(Chooser, "__call__", scripted)
+    monkeypatch.setattr(Engine, "span_nll", recording)
+    questions = QUESTIONS[:3]
+    folded = score_shard(lm, task(questions), settings("raw", max_new_tokens=len(script))).to_pylist()
+    assert scored[0] == 0  # no row's loss took a pass
+    plain = Engine(lm, GenerationSettings(max_new_tokens=len(script)))  # every loss by a pass
+    passed = score_shard(lm, task(questions), settings("raw", max_new_tokens=len(script)), plain).to_pylist()
+    for q, a, b in zip(questions, folded, passed):
+        assert a["completion"] == " The answer is 5\n\n" and a["finish_reason"] == "length"
+        ids = lm.tokenizer(q["question"] + a["completion"])["input_ids"]
+        assert ids[-1] == merged[0]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        with torch.inference_mode():
+            hf = lm.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+        assert a["loss"] == pytest.approx(hf, abs=1e-4)
+
+
 def test_small_models_get_wider_tiles():
     """Under a million parameters a call's arithmetic costs less than its Python: up to 8x the rows."""
     from bulkscore.workers.models import tile_scale

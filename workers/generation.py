@@ -54,6 +54,9 @@ class Generated:
     token_nlls: tuple[float, ...] = ()  # each of token_ids' NLL given the prompt, from generation's own logits
     continuation_nll: float | None = None  # mean NLL of the request's continuation after the prompt
     prompt_nlls: tuple[float, ...] | None = None  # prompt tokens 1.. each given those before (score_prompts)
+    # (token, NLL) of the one token that a "length" completion's last two make when its text is
+    # tokenized again ("\n" "\n" -> "\n\n"), where the first of them was chosen (score_prompts)
+    merged_tail: tuple[int, float] | None = None
 
     @property
     def nll(self) -> float | None:
@@ -198,6 +201,7 @@ class Decoder:
         self.waiting: deque[Pending] = deque()
         self.slots: list[Running | None] = [None] * self.decode.rows
         self.logits: torch.Tensor | None = None  # [R, V]: each slot's next-token logits
+        self.previous: torch.Tensor | None = None  # [R, V]: the logits before those (merged_tail)
         self.chooser = Chooser(settings, lm.eos_token_ids)
         # Tokens that can hold a stop string.
         self.stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0
@@ -307,13 +311,31 @@ class Decoder:
                 tail = self.lm.tokenizer.decode(run.tokens[-self.stop_tail :], skip_special_tokens=True)
                 stopped = cut_at_stop(tail, self.settings.stop)[1]
             if token in eos or stopped or len(run.tokens) == self.settings.max_new_tokens:
-                run.pending.batch.finish(run.pending.index, self.finish(run))
+                run.pending.batch.finish(run.pending.index, self.finish(run, slot))
                 self.slots[slot] = None
 
-    def finish(self, run: Running) -> Generated:
+    def finish(self, run: Running, slot: int) -> Generated:
         g = trim_completion(run.tokens, self.lm, self.settings)
         kept = run.nlls[: len(g.token_ids)]
-        return Generated(g.token_ids, g.text, g.finish_reason, tuple(kept), run.continuation_nll, run.prompt_nlls)
+        merged = (
+            self.merged_tail(g.token_ids, slot) if run.prompt_nlls is not None and g.finish_reason == "length" else None
+        )
+        return Generated(
+            g.token_ids, g.text, g.finish_reason, tuple(kept), run.continuation_nll, run.prompt_nlls, merged
+        )
+
+    def merged_tail(self, tokens: Sequence[int], slot: int) -> tuple[int, float] | None:
+        """A completion cut by max_new_tokens can end in two tokens that its text, tokenized again,
+        makes one (greedy chose "\n" twice where the text holds "\n\n"): then `loss`'s sequence
+        differs from the generated one in its last token only, whose NLL the logits that chose the
+        first of the two give."""
+        if len(tokens) < 2 or self.previous is None:
+            return None
+        text = self.lm.tokenizer.decode(tokens[-2:])
+        merged = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(merged) != 1:
+            return None
+        return merged[0], -torch.log_softmax(self.previous[slot], dim=-1)[merged[0]].item()
 
     def step(self) -> None:
         """One decode call: each running slot feeds its last token, at the position after its others."""
@@ -322,7 +344,7 @@ class Decoder:
             if run is not None:
                 prompt = len(run.pending.request.prompt)
                 feeds[slot] = ([run.tokens[-1]], prompt + len(run.tokens) - 1)
-        self.logits = self.decode.forward(feeds, last_only=True)
+        self.previous, self.logits = self.logits, self.decode.forward(feeds, last_only=True)
 
 
 def model_thread(threads: int) -> ThreadPoolExecutor:

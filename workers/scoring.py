@@ -132,14 +132,19 @@ def generate_items(engine: Engine, items: Sequence[Item], settings: ScoringSetti
 def generated_loss(item: Item, sequence: Sequence[int]) -> float | None:
     """The mean NLL of `sequence` (question + completion, tokenized) from generation's own NLLs, when
     it is the prompt's tokens followed by the completion's first ones (the text leaves out a final
-    end-of-sequence) and the prompt's NLLs were kept (Engine's score_prompts); else None."""
+    end-of-sequence), or by all but the last two and the one token those make (Generated.merged_tail),
+    and the prompt's NLLs were kept (Engine's score_prompts); else None."""
     generated, prompt = item.generated, item.prompt_ids
     n = len(sequence) - len(prompt)
     if generated.prompt_nlls is None or not 0 <= n <= len(generated.token_ids) or len(sequence) < 2:
         return None
-    if list(sequence) != prompt + list(generated.token_ids[:n]):
+    tokens, nlls = list(generated.token_ids), generated.token_nlls
+    if list(sequence) == prompt + tokens[:n]:
+        values = generated.prompt_nlls + nlls[:n]
+    elif generated.merged_tail and list(sequence) == prompt + tokens[:-2] + [generated.merged_tail[0]]:
+        values = generated.prompt_nlls + nlls[:-2] + (generated.merged_tail[1],)
+    else:
         return None
-    values = generated.prompt_nlls + generated.token_nlls[:n]
     return sum(values) / len(values)
 
 
