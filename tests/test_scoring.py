@@ -195,9 +195,9 @@ def chat_requests(lm, questions=QUESTIONS, reference=" 42"):
 
 
 def model_calls(lm):
-    """Records the [rows, tokens] shape of each forward pass of lm.model."""
+    """Records the [rows, tokens] shape of each forward pass of lm.model's decoder (every call)."""
     shapes = []
-    hook = lm.model.register_forward_pre_hook(
+    hook = lm.model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     return shapes, hook
@@ -247,9 +247,9 @@ def test_a_finished_row_frees_its_slot_for_a_waiting_row(lm, monkeypatch):
     assert sum(ender not in g.token_ids for g in free) >= 4
     admitted, real_admit = [], Decoder.admit
 
-    def admit(self, wave, slots, keys):
-        admitted.append((len(wave), sum(run is not None for run in self.slots)))  # (rows in, rows running)
-        return real_admit(self, wave, slots, keys)
+    def admit(self, run, row):
+        admitted.append((len(run.pendings), sum(run is not None for run in self.slots)))  # (rows in, rows running)
+        return real_admit(self, run, row)
 
     monkeypatch.setattr(Decoder, "admit", admit)
     shapes, hook = model_calls(lm)
@@ -677,6 +677,7 @@ def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeyp
 
     models_load = models.load_model
     monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(ShardScorer, "where", lambda self: {})  # Ray's context would start a Ray instance
     scorer = ShardScorer(ModelSpec(str(tiny_model), "folder", device="cpu", threads=1), settings())
     assert "error" not in scorer.load()
     scoring = scorer.engine.model_thread.submit(threading.current_thread).result()

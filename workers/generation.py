@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bulkscore.workers.contract import GenerationSettings
-from bulkscore.workers.losses import span_nll
+from bulkscore.workers.losses import project_prefill, span_nll
 from bulkscore.workers.models import LoadedModel
 from bulkscore.workers.tiles import (
     CHUNK,
@@ -34,7 +34,8 @@ from bulkscore.workers.tiles import (
     SharedPrefix,
     Tile,
     cache_length,
-    feed_rows,
+    chunks,
+    right_aligned,
     tile_rows,
 )
 
@@ -187,6 +188,26 @@ class Running:
     nlls: list[float] = field(default_factory=list)
 
 
+@dataclass
+class Prefilling:
+    """A prompt (and its continuation, if any) in a prefill tile row, fed a chunk per call."""
+
+    pendings: list[Pending]  # the requests that share it (samples)
+    pieces: list[tuple[Sequence[int], int]]  # chunks of the fed tokens: (tokens, first position)
+    targets: list[Sequence[int]]  # each piece's tokens' next ones
+    prompt_last: int  # index, among the fed tokens, of the prompt's last
+    scores_prompt: bool  # its prompt's NLLs are wanted (score_prompts, no shared prefix)
+    continued: bool  # it has a continuation to score
+    fed: int = 0  # pieces fed so far
+    done: int = 0  # tokens fed so far
+    nlls: list[float] = field(default_factory=list)  # each fed token's target's NLL, when scored
+    first: torch.Tensor | None = None  # [V]: logits after the prompt's last token
+
+    @property
+    def scored(self) -> bool:
+        return self.scores_prompt or self.continued
+
+
 class Decoder:
     """One cache length's rows: a decode tile whose free slots are refilled from a prefill tile."""
 
@@ -199,6 +220,7 @@ class Decoder:
         # --batch-size: how many slots are used; the tile's shape stays the same.
         self.in_flight = min(self.decode.rows, settings.batch_size or self.decode.rows)
         self.waiting: deque[Pending] = deque()
+        self.filling: list[Prefilling | None] = []  # the prefill tile's rows, while refill runs
         self.slots: list[Running | None] = [None] * self.decode.rows
         self.logits: torch.Tensor | None = None  # [R, V]: each slot's next-token logits
         self.previous: torch.Tensor | None = None  # [R, V]: the logits before those (merged_tail)
@@ -219,73 +241,106 @@ class Decoder:
 
     def fail(self, error: BaseException) -> None:
         """A round raised: every request here ends with that error (the callers retry row by row)."""
-        for pending in [*self.waiting, *(run.pending for run in self.slots if run is not None)]:
+        filling = [pending for run in self.filling if run is not None for pending in run.pendings]
+        for pending in [*self.waiting, *filling, *(run.pending for run in self.slots if run is not None)]:
             pending.batch.error = pending.batch.error or error
         self.waiting.clear()
+        self.filling = []
         self.slots = [None] * self.decode.rows
 
     def refill(self) -> None:
-        """Move waiting rows into free slots, a prefill tile's worth at a time (or all that remain)."""
+        """Move waiting rows into free slots through the prefill tile (when a prefill tile's worth of
+        slots is free, or all that remain are waiting, or nothing runs). Each prefill row streams
+        through prompts, a chunk per call: the next prompt starts in the call after the last one's
+        last chunk, so short prompts do not wait on long ones. A prompt's continuation is fed after
+        it, in the same calls, and scored on the way."""
+        free = [s for s in range(self.in_flight) if self.slots[s] is None]
         waiting = self.waiting
-        while waiting:
-            free = [s for s in range(self.in_flight) if self.slots[s] is None]
-            if not free or (any(self.slots) and len(free) < min(len(waiting), self.prefill.rows)):
+        if not waiting or not free or (any(self.slots) and len(free) < min(len(waiting), self.prefill.rows)):
+            return
+        self.filling = [None] * self.prefill.rows
+        unreserved = len(free)
+        while True:
+            for row in range(self.prefill.rows):
+                if self.filling[row] is None and waiting and unreserved:
+                    self.filling[row] = self.start_prefill(row, unreserved)
+                    unreserved -= len(self.filling[row].pendings)
+            if not any(self.filling):
                 return
-            wave: list[Pending] = []
-            keys: dict[tuple, int] = {}  # (prompt, continuation) -> prefill row: samples share one
-            while waiting and len(wave) < len(free):
-                request = waiting[0].request
-                key = (request.prompt, request.continuation)
-                if key not in keys:
-                    if len(keys) == self.prefill.rows:
-                        break
-                    keys[key] = len(keys)
-                wave.append(waiting.popleft())
-            self.admit(wave, free, keys)
+            for row in self.feed_prefill():
+                self.admit(self.filling[row], row)
+                self.filling[row] = None
 
-    def admit(self, wave: list[Pending], free: list[int], keys: dict[tuple, int]) -> None:
-        rows, scored_prompts = {}, set()
-        for (prompt, _), row in keys.items():
-            shared = self.prefix.length_for(prompt)
-            if shared:
-                self.prefix.copy_into(self.prefill, row)
-            elif self.score_prompts:
-                scored_prompts.add(row)
-            rows[row] = (prompt[shared:], shared)
-        # With score_prompts, every prefill call yields all its logits (whichever rows it holds), and
-        # each prompt's tokens after the first get their NLLs; the last token's target is a stand-in.
-        targets = {row: tuple(tokens[1:]) + (0,) for row, (tokens, _) in rows.items()} if self.score_prompts else None
-        first, prompt_nlls = feed_rows(self.prefill, rows, targets)  # [Rp, V]: each prompt's next-token logits
-        if self.logits is None:
-            self.logits = torch.zeros((self.decode.rows, first.shape[-1]), device=first.device)
-        scored = self.score_continuations(keys, first)
-        slots = free[: len(wave)]
-        rows_of = [keys[(pending.request.prompt, pending.request.continuation)] for pending in wave]
-        longest = max(len(pending.request.prompt) for pending in wave)
-        self.decode.cache.take(slots, self.prefill.cache, rows_of, longest)
-        self.logits[slots] = first[rows_of]
-        for pending, slot, row in zip(wave, slots, rows_of):
-            request = pending.request
+    def start_prefill(self, row: int, room: int) -> Prefilling:
+        """The next waiting prompt in prefill row `row`, with the samples waiting after it that share
+        it (as many as `room` slots take)."""
+        first = self.waiting.popleft()
+        key = (first.request.prompt, first.request.continuation)
+        pendings = [first]
+        while self.waiting and len(pendings) < room and self.waiting[0].request.prompt == key[0]:
+            if self.waiting[0].request.continuation != key[1]:
+                break
+            pendings.append(self.waiting.popleft())
+        prompt, tail = key
+        shared = self.prefix.length_for(prompt)
+        if shared:
+            self.prefix.copy_into(self.prefill, row)
+        own = prompt[shared:]
+        fed = own + (tail[:-1] if tail else ())  # the continuation's last token is only a target
+        following = own[1:] + (tail or (0,))  # each fed token's next one (a stand-in after a bare prompt)
+        return Prefilling(
+            pendings,
+            chunks(fed, shared, self.prefill.width),
+            [piece for piece, _ in chunks(following, 0, self.prefill.width)],
+            prompt_last=len(own) - 1,
+            scores_prompt=self.score_prompts and not shared,
+            continued=bool(tail),
+        )
+
+    def feed_prefill(self) -> list[int]:
+        """One prefill call: each filling row's next chunk. Returns the rows whose last chunk it was.
+        Every call has the tile's shape, and so does every projection of its states: the prompts'
+        last-token logits ([rows, hidden] -> [rows, vocab]) and, when a row here wants them, the NLLs
+        of all its places."""
+        tile, width = self.prefill, self.prefill.width
+        feeds = [run.pieces[run.fed] if run else None for run in self.filling]
+        wanted = any(run.scored for run in self.filling if run)
+        last_at = {}  # row -> column of its prompt's last token, where this call holds it
+        for row, run in enumerate(self.filling):
+            if run and run.done <= run.prompt_last < run.done + len(feeds[row][0]):
+                last_at[row] = width - (run.done + len(feeds[row][0]) - run.prompt_last)
+        targets = right_aligned([run and run.targets[run.fed] for run in self.filling], tile.rows, width, 0)[0]
+        firsts, nll = project_prefill(self.lm, tile, feeds, last_at, targets if wanted else None)
+        if firsts is not None and self.logits is None:
+            self.logits = torch.zeros((self.decode.rows, firsts.shape[-1]), device=firsts.device)
+        finished = []
+        for row, run in enumerate(self.filling):
+            if run is None:
+                continue
+            if run.scored:
+                run.nlls += nll[row, width - len(feeds[row][0]) :].tolist()
+            if row in last_at:
+                run.first = firsts[row]
+            run.done += len(feeds[row][0])
+            run.fed += 1
+            if run.fed == len(run.pieces):
+                finished.append(row)
+        return finished
+
+    def admit(self, run: Prefilling, row: int) -> None:
+        """A prefilled prompt's requests into free decode slots: its keys and values, and its logits."""
+        slots = [s for s in range(self.in_flight) if self.slots[s] is None][: len(run.pendings)]
+        prompt = run.pendings[0].request.prompt
+        self.decode.cache.take(slots, self.prefill.cache, [row] * len(slots), len(prompt))
+        self.logits[slots] = run.first
+        continuation = run.nlls[run.prompt_last :] if run.continued else None
+        prompt_nlls = tuple(run.nlls[: run.prompt_last]) if run.scores_prompt else None
+        for pending, slot in zip(run.pendings, slots):
             generator = None
             if not self.settings.greedy:
-                generator = torch.Generator(device=self.lm.device).manual_seed(request.seed)
-            nlls = tuple(prompt_nlls[row][:-1]) if row in scored_prompts else None
-            self.slots[slot] = Running(pending, generator, scored.get(row), nlls)
-
-    def score_continuations(self, keys: dict[tuple, int], first: torch.Tensor) -> dict[int, float]:
-        """Mean NLL of each continuation after its prompt: the prompt's last logits score its first
-        token, a feed of the continuation (written after the prompt, where decoding writes later)
-        the rest."""
-        first_nll = -torch.log_softmax(first, dim=-1)  # [Rp, V]
-        continued = {row: (prompt, tail) for (prompt, tail), row in keys.items() if tail}
-        nlls = {row: [first_nll[row, tail[0]].item()] for row, (_, tail) in continued.items()}
-        longer = {row: pair for row, pair in continued.items() if len(pair[1]) > 1}
-        if longer:
-            feeds = {row: (tail[:-1], len(prompt)) for row, (prompt, tail) in longer.items()}
-            _, rest = feed_rows(self.prefill, feeds, {row: tail[1:] for row, (_, tail) in longer.items()})
-            for row, values in rest.items():
-                nlls[row] += values
-        return {row: sum(values) / len(values) for row, values in nlls.items()}
+                generator = torch.Generator(device=self.lm.device).manual_seed(pending.request.seed)
+            mean = sum(continuation) / len(continuation) if continuation else None
+            self.slots[slot] = Running(pending, generator, mean, prompt_nlls)
 
     def choose(self) -> None:
         """Each running slot's next token, from its logits; rows that end leave their slot."""

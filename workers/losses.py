@@ -56,6 +56,39 @@ def fused_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     return (total - picked).view(targets.shape)
 
 
+def project_prefill(
+    lm: LoadedModel,
+    tile: Tile,
+    feeds: Sequence[tuple[Sequence[int], int] | None],
+    last_at: dict[int, int],
+    targets: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One prefill call (Tile.forward's feeds) and its projections: the float32 logits after each
+    prompt's last token, [rows, vocab] (row r's from its column last_at[r]; None if no row has one
+    here), and, given `targets` ([rows, width]), every place's NLL, [rows, width]. Each projection has
+    the tile's shape whichever rows ask for it; where the model allows, only the hidden states asked
+    for meet the vocabulary (a [rows, hidden] product, not [rows x width, vocab])."""
+    rows, width = tile.rows, tile.width
+    columns = torch.tensor([last_at.get(row, width - 1) for row in range(rows)])
+    if not fusable(lm):
+        logits = tile.forward(feeds, last_only=False)  # [R, W, V]
+        firsts = logits[torch.arange(rows), columns] if last_at else None
+        return firsts, None if targets is None else nll_from_logits(logits, targets)
+    hidden = tile.hidden(feeds)  # [R, W, H]
+    head = lm.model.get_output_embeddings()
+    firsts = head(hidden[torch.arange(rows), columns.to(hidden.device)]).float() if last_at else None  # [R, V]
+    if targets is None:
+        return firsts, None
+    if FUSED and lm.dtype != torch.float32:
+        return firsts, fused_nll(hidden, head.weight, targets)
+    return firsts, nll_from_logits(head(hidden).float(), targets)
+
+
+def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits: [R, W, V] float32; targets: [R, W]. Each target's NLL, [R, W]."""
+    return -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]
+
+
 @dataclass
 class Scoring:
     """A sequence in a tile row: its chunks go in, one call after another."""
@@ -124,8 +157,7 @@ def span_nll(
             if fused is not None:
                 nll = fused_nll(tile.hidden(feeds), fused, targets)  # [R, W]
             else:
-                logits = tile.forward(feeds, last_only=False)  # [R, W, V]
-                nll = -torch.log_softmax(logits, dim=-1).gather(2, targets.to(logits.device)[..., None])[..., 0]
+                nll = nll_from_logits(tile.forward(feeds, last_only=False), targets)  # [R, W]
             tick()  # one more call done: the worker is making progress
             for row, run in enumerate(rows):
                 if run is None:
