@@ -3,8 +3,9 @@
     python scripts/bench.py [--questions 128] [--max-new-tokens 32] [--peers one,batched,raydata,bulkscore]
 
 Each peer runs as its own process, timed from its start to its output file (imports, Ray start and
-model load included), with greedy decoding of chat prompts (`--prompt-format raw`: the questions as
-they are, for every peer):
+model load included), with greedy decoding of the questions as they are, with the tokenizer's own
+special tokens (raw prompts, as the speed issue's task; `--prompt-format chat`: the chat template, for
+every peer), at least one new token each (bulkscore's default --min-new-tokens):
   one        transformers `generate`, one question at a time
   batched    transformers `generate`, batches of 32 in float32 with left padding (the assignment's
              `batched_generate`)
@@ -69,6 +70,7 @@ def hf_generate(tokenizer, lm, prompts: list[str], max_new_tokens: int, raw: boo
         out = lm.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=1,  # as bulkscore's default --min-new-tokens: no empty completion
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
@@ -238,7 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-format", default="chat", choices=["chat", "raw"], help="for every peer")
+    parser.add_argument("--prompt-format", default="raw", choices=["raw", "chat"], help="for every peer")
     parser.add_argument("--peers", default=",".join(PEERS[:5]), type=lambda s: s.split(","))
     parser.add_argument("--model", dest="model_given", help="model folder [default: the embedded SmolLM2-135M]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
