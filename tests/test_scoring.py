@@ -682,3 +682,25 @@ def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeyp
     assert "error" not in scorer.load()
     scoring = scorer.engine.model_thread.submit(threading.current_thread).result()
     assert threads == [scoring] and scoring is not threading.current_thread()
+
+
+def test_a_request_whose_prefix_call_fails_gets_the_error_not_a_hang(lm, monkeypatch):
+    """The model call that computes the shared prefix raises while a lone request is being taken in:
+    that request ends with the error (the caller retries row by row) instead of waiting forever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bulkscore.workers.prompts import shared_start
+    from bulkscore.workers.tiles import SharedPrefix
+
+    def broken(prefix, tile, row):
+        raise RuntimeError("the prefix call failed")
+
+    monkeypatch.setattr(SharedPrefix, "copy_into", broken)
+    engine = Engine(lm, GenerationSettings(max_new_tokens=4), shared_start(lm.tokenizer, PromptSettings("chat")))
+    caller = ThreadPoolExecutor(1)
+    try:
+        result = caller.submit(engine.generate, chat_requests(lm)[:1])
+        with pytest.raises(RuntimeError, match="the prefix call failed"):
+            result.result(timeout=60)
+    finally:
+        caller.shutdown(wait=False)

@@ -33,10 +33,12 @@ class ShardScorer:
     def load(self) -> dict:
         """Load the model; what the worker reports of itself (with `error` if the model failed to load)."""
         try:
+            from bulkscore.workers.models import kernels_pinned, load_model, pin_kernels
+
+            pin_kernels()  # before torch's first call into MKL, which reads the setting once
             import torch
 
             from bulkscore.workers.generation import model_thread
-            from bulkscore.workers.models import kernels_pinned, load_model
             from bulkscore.workers.scoring import shard_engine
 
             thread = model_thread(self.spec.threads or torch.get_num_threads())  # torch runs on it alone

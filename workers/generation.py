@@ -263,7 +263,7 @@ class Decoder:
         while True:
             for row in range(self.prefill.rows):
                 if self.filling[row] is None and waiting and unreserved:
-                    self.filling[row] = self.start_prefill(row, unreserved)
+                    self.start_prefill(row, unreserved)
                     unreserved -= len(self.filling[row].pendings)
             if not any(self.filling):
                 return
@@ -271,9 +271,10 @@ class Decoder:
                 self.admit(self.filling[row], row)
                 self.filling[row] = None
 
-    def start_prefill(self, row: int, room: int) -> Prefilling:
-        """The next waiting prompt in prefill row `row`, with the samples waiting after it that share
-        it (as many as `room` slots take)."""
+    def start_prefill(self, row: int, room: int) -> None:
+        """The next waiting prompt into prefill row `row`, with the samples waiting after it that share
+        it (as many as `room` slots take). It is in `filling` before any model call, so that a failing
+        call fails its requests too."""
         first = self.waiting.popleft()
         key = (first.request.prompt, first.request.continuation)
         pendings = [first]
@@ -283,12 +284,10 @@ class Decoder:
             pendings.append(self.waiting.popleft())
         prompt, tail = key
         shared = self.prefix.length_for(prompt)
-        if shared:
-            self.prefix.copy_into(self.prefill, row)
         own = prompt[shared:]
         fed = own + (tail[:-1] if tail else ())  # the continuation's last token is only a target
         following = own[1:] + (tail or (0,))  # each fed token's next one (a stand-in after a bare prompt)
-        return Prefilling(
+        self.filling[row] = Prefilling(
             pendings,
             chunks(fed, shared, self.prefill.width),
             [piece for piece, _ in chunks(following, 0, self.prefill.width)],
@@ -296,6 +295,8 @@ class Decoder:
             scores_prompt=self.score_prompts and not shared,
             continued=bool(tail),
         )
+        if shared:
+            self.prefix.copy_into(self.prefill, row)
 
     def feed_prefill(self) -> list[int]:
         """One prefill call: each filling row's next chunk. Returns the rows whose last chunk it was.

@@ -127,7 +127,8 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         self.bias = linear.bias
-        # The output layer keeps its weight (tied to the embeddings, so no copy) for losses.fused_nll.
+        # The output layer keeps its weight for losses.fused_nll (no copy where it is tied to the
+        # embeddings, as in SmolLM2; an untied one is held twice).
         self.weight = linear.weight if keep_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -187,6 +188,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         model = apply_adapter(model, spec.adapter)
     model = model.to(device).eval()
     use_tile_attention(model)
+    scale = tile_scale(model)  # from its parameters, before packing hides them
     if packs_weights(device, dtype):
         pack_weights(model)
     eos = eos_ids(model, tokenizer)
@@ -204,5 +206,5 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         load_s=time.perf_counter() - started,
         cache_argument="cache" if "cache" in forward else "past_key_values",
         keeps_logits="logits_to_keep" in forward,
-        tile_scale=tile_scale(model),
+        tile_scale=scale,
     )

@@ -163,39 +163,6 @@ def chunks(tokens: Sequence[int], first: int, width: int) -> list[tuple[Sequence
     return pieces[::-1]
 
 
-def feed_rows(
-    tile: Tile, rows: dict[int, tuple[Sequence[int], int]], targets: dict[int, Sequence[int]] | None = None
-) -> tuple[torch.Tensor, dict[int, list[float]]]:
-    """Feed each tile row r its rows[r] = (tokens, first position), in chunks. The rows' last chunks
-    share the last call, so that its last column holds every row's last token.
-
-    Returns that call's last-column logits ([rows, vocab], float32) and, when `targets` gives each
-    row the token that should follow each of its tokens, the NLL of each target.
-    """
-    pieces = {r: chunks(tokens, first, tile.width) for r, (tokens, first) in rows.items()}
-    wanted = {r: chunks(targets[r], 0, tile.width) for r in rows} if targets is not None else {}
-    calls = max(map(len, pieces.values()))
-    nlls: dict[int, list[float]] = {r: [] for r in wanted}
-    for call in range(calls):
-        feeds: list[tuple[Sequence[int], int] | None] = [None] * tile.rows
-        wanted_ids: list[Sequence[int] | None] = [None] * tile.rows
-        for r, row_pieces in pieces.items():
-            k = call - (calls - len(row_pieces))
-            if k >= 0:
-                feeds[r] = row_pieces[k]
-                if wanted:
-                    wanted_ids[r] = wanted[r][k][0]
-        target_ids = right_aligned(wanted_ids, tile.rows, tile.width, 0)[0]
-        logits = tile.forward(feeds, last_only=not wanted)  # [R, V] or [R, W, V]
-        if wanted:
-            nll = -torch.log_softmax(logits, dim=-1).gather(2, target_ids.to(logits.device)[..., None])  # [R, W, 1]
-            for r, feed in enumerate(feeds):
-                if feed is not None:
-                    nlls[r] += nll[r, tile.width - len(feed[0]) :, 0].tolist()
-            logits = logits[:, -1]
-    return logits, nlls
-
-
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth a cache of its own
 
 
@@ -219,6 +186,7 @@ class SharedPrefix:
 
     def copy_into(self, tile: Tile, row: int) -> None:
         if self.tile is None:
-            self.tile = Tile(self.lm, 1, len(self.tokens), len(self.tokens))
-            self.tile.forward([(self.tokens, 0)], last_only=True)
+            computed = Tile(self.lm, 1, len(self.tokens), len(self.tokens))
+            computed.forward([(self.tokens, 0)], last_only=True)
+            self.tile = computed  # only once computed: a failed call leaves no half-filled cache
         tile.cache.take([row], self.tile.cache, [0], len(self.tokens))
