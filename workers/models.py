@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 import time
@@ -153,6 +154,17 @@ def pack_weights(model: torch.nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 setattr(parent, name, PackedLinear(child, keep_weight=child is head))
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system, where glibc allows: it keeps them otherwise, and
+    the weights packing replaced would stay in the worker's memory (measured, SmolLM2: 927 MiB
+    resident after packing, 726 MiB after this, 665 MiB unpacked)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 SMALL_MODEL = 2**20  # parameters: below this, a call's own Python costs more than its arithmetic
