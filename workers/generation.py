@@ -278,8 +278,8 @@ class Decoder:
         first = self.waiting.popleft()
         key = (first.request.prompt, first.request.continuation)
         pendings = [first]
-        while self.waiting and len(pendings) < room and self.waiting[0].request.prompt == key[0]:
-            if self.waiting[0].request.continuation != key[1]:
+        while self.waiting and len(pendings) < room:
+            if (self.waiting[0].request.prompt, self.waiting[0].request.continuation) != key:
                 break
             pendings.append(self.waiting.popleft())
         prompt, tail = key
@@ -335,12 +335,12 @@ class Decoder:
         self.decode.cache.take(slots, self.prefill.cache, [row] * len(slots), len(prompt))
         self.logits[slots] = run.first
         continuation = run.nlls[run.prompt_last :] if run.continued else None
+        mean = sum(continuation) / len(continuation) if continuation else None
         prompt_nlls = tuple(run.nlls[: run.prompt_last]) if run.scores_prompt else None
         for pending, slot in zip(run.pendings, slots):
             generator = None
             if not self.settings.greedy:
                 generator = torch.Generator(device=self.lm.device).manual_seed(pending.request.seed)
-            mean = sum(continuation) / len(continuation) if continuation else None
             self.slots[slot] = Running(pending, generator, mean, prompt_nlls)
 
     def choose(self) -> None:
