@@ -24,10 +24,10 @@ def test_importing_the_driver_loads_neither_torch_nor_transformers():
 
 
 def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors():
-    """And it starts only what a job uses: no autoscaler monitor, log monitor or dashboard server
-    (jobs.cluster.start_private_instance), yet runs actors."""
+    """And it starts only what a job uses: no autoscaler monitor, log monitor or dashboard server, a
+    minimal dashboard agent (jobs.cluster.start_private_instance), yet runs actors."""
     code = (
-        "import json, os, ray, subprocess\n"
+        "import json, os, ray, subprocess, sys\n"
         "from bulkscore.jobs.cluster import ray_session\n"
         "from tests.helpers import descendants\n"
         "with ray_session(None):\n"
@@ -38,7 +38,8 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
         "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
         "                      'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"
         "                      'dashboard': ray._private.worker._global_node.address_info.get('webui_url'),\n"
-        "                      'ran': ran, 'commands': commands}))\n"
+        "                      'ran': ran, 'commands': commands,\n"
+        "                      'dashboard_packages': 'aiohttp' in sys.modules}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -52,6 +53,11 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
     assert "gcs_server" in commands and "raylet" in commands
     for left_out in ("autoscaler/_private/monitor.py", "log_monitor.py", "dashboard/dashboard.py"):
         assert left_out not in commands
+    # The dashboard agent runs as in a minimal Ray install (the raylet starts it, with the command it
+    # was given), so the driver never imported its packages.
+    agent_commands = [c for c in info["commands"] if "dashboard/agent.py" in c]
+    assert agent_commands and all("--minimal" in c for c in agent_commands)
+    assert not info["dashboard_packages"]
 
 
 def slow_build(target: str, log: str) -> None:

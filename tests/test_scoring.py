@@ -684,6 +684,40 @@ def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeyp
     assert threads == [scoring] and scoring is not threading.current_thread()
 
 
+def test_a_worker_loads_with_the_cycle_collector_paused_and_leaves_it_on(tiny_model, monkeypatch):
+    """The load's million long-lived objects are made without the collector and then frozen out of
+    its reach (actor.collector_paused); the collector is on again afterwards, after a failed load too."""
+    import gc
+
+    import bulkscore.workers.models as models
+    from bulkscore.workers.actor import ShardScorer
+
+    collecting = []
+
+    def load(spec):
+        collecting.append(gc.isenabled())
+        if spec.source == "missing":
+            raise FileNotFoundError("no such model")
+        return models_load(spec)
+
+    models_load = models.load_model
+    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(ShardScorer, "where", lambda self: {})  # Ray's context would start a Ray instance
+    frozen = gc.get_freeze_count()
+    try:
+        scorer = ShardScorer(ModelSpec(str(tiny_model), "folder", device="cpu", threads=1), settings())
+        assert "error" not in scorer.load()
+        assert collecting == [False] and gc.isenabled()
+        assert gc.get_freeze_count() > frozen + 10_000  # torch's and transformers' objects among them
+
+        failed = ShardScorer(ModelSpec("missing", "folder", device="cpu", threads=1), settings()).load()
+        assert failed["error"] == "FileNotFoundError: no such model"
+        assert collecting == [False, False] and gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
 def test_a_request_whose_prefix_call_fails_gets_the_error_not_a_hang(lm, monkeypatch):
     """The model call that computes the shared prefix raises while a lone request is being taken in:
     that request ends with the error (the caller retries row by row) instead of waiting forever."""
