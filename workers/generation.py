@@ -224,6 +224,7 @@ class Decoder:
         self.slots: list[Running | None] = [None] * self.decode.rows
         self.logits: torch.Tensor | None = None  # [R, V]: each slot's next-token logits
         self.previous: torch.Tensor | None = None  # [R, V]: the logits before those (merged_tail)
+        self.fresh: set[int] = set()  # slots whose logits no token was chosen from yet
         self.chooser = Chooser(settings, lm.eos_token_ids)
         # Tokens that can hold a stop string.
         self.stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0
@@ -233,7 +234,10 @@ class Decoder:
         return bool(self.waiting) or any(self.slots)
 
     def round(self) -> None:
-        """Fill free slots, choose each running row's next token, and run the decode call."""
+        """Choose each running row's next token, fill the slots of the rows that ended (and of any
+        before), choose the newcomers' first tokens, and run the decode call. Rows end as they choose,
+        so refilling after choosing keeps their slots from riding one call empty."""
+        self.choose()
         self.refill()
         self.choose()
         if any(self.slots):
@@ -247,6 +251,7 @@ class Decoder:
         self.waiting.clear()
         self.filling = []
         self.slots = [None] * self.decode.rows
+        self.fresh.clear()
 
     def refill(self) -> None:
         """Move waiting rows into free slots through the prefill tile (when a prefill tile's worth of
@@ -334,6 +339,7 @@ class Decoder:
         prompt = run.pendings[0].request.prompt
         self.decode.cache.take(slots, self.prefill.cache, [row] * len(slots), len(prompt))
         self.logits[slots] = run.first
+        self.fresh.update(slots)
         continuation = run.nlls[run.prompt_last :] if run.continued else None
         mean = sum(continuation) / len(continuation) if continuation else None
         prompt_nlls = tuple(run.nlls[: run.prompt_last]) if run.scores_prompt else None
@@ -344,22 +350,20 @@ class Decoder:
             self.slots[slot] = Running(pending, generator, mean, prompt_nlls)
 
     def choose(self) -> None:
-        """Each running slot's next token, from its logits; rows that end leave their slot."""
-        if not any(self.slots):
+        """Each fresh slot's next token, from its logits; rows that end leave their slot."""
+        running = sorted(self.fresh)
+        self.fresh.clear()
+        if not running:
             return
-        # Free slots count as done, so that no end-of-sequence bar is computed for them.
-        steps = torch.tensor(
-            [len(run.tokens) if run else self.settings.max_new_tokens for run in self.slots], device=self.logits.device
-        )
-        generators = [run.generator if run else None for run in self.slots]
-        running = [slot for slot, run in enumerate(self.slots) if run is not None]
+        # Other slots count as done, so that no end-of-sequence bar is computed for them.
+        steps = torch.full((self.decode.rows,), self.settings.max_new_tokens, device=self.logits.device)
+        steps[running] = torch.tensor([len(self.slots[slot].tokens) for slot in running], device=steps.device)
+        generators = [run.generator if run and slot in running else None for slot, run in enumerate(self.slots)]
         chosen = self.chooser(self.logits, steps, generators, running)  # [R]
         nll = -torch.log_softmax(self.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)  # [R]
         eos = self.lm.eos_token_ids
-        for slot, (token, value) in enumerate(zip(chosen.tolist(), nll.tolist())):
+        for slot, token, value in zip(running, chosen[running].tolist(), nll[running].tolist()):
             run = self.slots[slot]
-            if run is None:
-                continue
             run.tokens.append(token)
             run.nlls.append(value)
             stopped = False
@@ -401,6 +405,7 @@ class Decoder:
                 prompt = len(run.pending.request.prompt)
                 feeds[slot] = ([run.tokens[-1]], prompt + len(run.tokens) - 1)
         self.previous, self.logits = self.logits, self.decode.forward(feeds, last_only=True)
+        self.fresh = {slot for slot, run in enumerate(self.slots) if run is not None}
 
 
 def model_thread(threads: int) -> ThreadPoolExecutor:
