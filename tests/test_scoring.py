@@ -245,10 +245,11 @@ def test_a_finished_row_frees_its_slot_for_a_waiting_row(lm, monkeypatch):
     ender = free[first].token_ids[2]
     ending = dataclasses.replace(lm, eos_token_ids=(ender,))
     assert sum(ender not in g.token_ids for g in free) >= 4
-    admitted, real_admit = [], Decoder.admit
+    admitted, real_admit, decode_calls = [], Decoder.admit, []
 
     def admit(self, run, row):
         admitted.append((len(run.pendings), sum(run is not None for run in self.slots)))  # (rows in, rows running)
+        decode_calls.append(shapes.count((4, 1)))
         return real_admit(self, run, row)
 
     monkeypatch.setattr(Decoder, "admit", admit)
@@ -263,6 +264,8 @@ def test_a_finished_row_frees_its_slot_for_a_waiting_row(lm, monkeypatch):
     assert batched[first].token_ids == free[first].token_ids[:3] and batched[first].finish_reason == "stop"
     assert refills[:4] == [(1, 0), (1, 1), (1, 2), (1, 3)]  # four slots filled, one prefill row at a time
     assert (1, 3) in refills[4:]  # the slot the first row left, refilled while three rows ran
+    # ... at once: its third token came from the second decode call, and no third call ran without it.
+    assert decode_calls[refills.index((1, 3), 4)] == 2
     assert sum(n for n, _ in refills) == len(requests)
     assert set(calls) == {(4, 1), (1, CHUNK)}
     for column in ("token_ids", "text", "finish_reason", "nll", "continuation_nll"):
