@@ -280,6 +280,7 @@ REDUCING_OPS = {
     "baddbmm",
     "matmul",
     "linear",
+    "_linear_pointwise",  # oneDNN's product with packed weights (models.PackedLinear)
     "softmax",
     "_softmax",
     "log_softmax",
@@ -337,7 +338,8 @@ def test_a_row_meets_the_same_shapes_alone_in_a_batch_or_in_any_shard(lm):
     whole = shapes(task(QUESTIONS))
     # The recorder sees the model's layers, its norms and attention, and the engine's own reductions.
     names = {name for name, _ in whole}
-    assert names >= {"linear", "mean", "log_softmax", "argmax"} and names & {"matmul", "scaled_dot_product_attention"}
+    assert names >= {"mean", "log_softmax", "argmax"} and names & {"linear", "_linear_pointwise"}
+    assert names & {"matmul", "scaled_dot_product_attention"}
     alone = [shapes(task([q], start=i)) for i, q in enumerate(QUESTIONS)]
     assert set().union(*alone) == whole
     assert shapes(task(QUESTIONS), batch_size=1) == shapes(task(QUESTIONS), batch_size=3) == whole
@@ -638,31 +640,75 @@ def test_bfloat16_scoring_in_chunks_equals_whole_logits(any_lm, monkeypatch):
     assert chunked == pytest.approx(whole, abs=1e-4)
 
 
-def test_bfloat16_weights_are_packed_where_onednn_computes_them_and_agree(tiny_model, monkeypatch):
-    """On a CPU whose oneDNN computes bfloat16, every Linear is a PackedLinear and its logits equal the
-    model's own products within bfloat16's rounding; elsewhere, and in float32, nothing is packed."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_are_packed_where_onednn_computes_them_and_agree(tiny_model, monkeypatch, dtype):
+    """On a CPU whose oneDNN computes the dtype, every Linear is a PackedLinear and its logits equal
+    the model's own products within the dtype's rounding; elsewhere nothing is packed."""
     import bulkscore.workers.models as models
 
-    def load(dtype: str):
+    def load():
         return load_model(ModelSpec(str(tiny_model), "folder", dtype=dtype, device="cpu")).model
 
     def kinds(model) -> set[type]:
         return {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, models.PackedLinear))}
 
-    assert kinds(load("float32")) == {torch.nn.Linear}
-    packed = load("bfloat16")
-    if not models.packs_weights(torch.device("cpu"), torch.bfloat16):
-        assert kinds(packed) == {torch.nn.Linear}
+    packed = load()
+    if not models.packs_weights(torch.device("cpu"), models.DTYPES[dtype]):
+        assert dtype == "bfloat16" and kinds(packed) == {torch.nn.Linear}
         return
     assert kinds(packed) == {models.PackedLinear}
     assert packed.get_output_embeddings().weight is packed.get_input_embeddings().weight  # tied: no copy
     monkeypatch.setattr(models, "packs_weights", lambda device, dtype: False)
-    plain = load("bfloat16")
+    plain = load()
     assert kinds(plain) == {torch.nn.Linear}
     ids = torch.tensor([[5, 17, 3, 9, 11, 2, 30, 7]])
     with torch.inference_mode():
         ours, theirs = packed(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
-    assert torch.allclose(ours, theirs, atol=0.05, rtol=0.02)
+    close = dict(atol=0.05, rtol=0.02) if dtype == "bfloat16" else dict(atol=1e-4, rtol=1e-4)
+    assert torch.allclose(ours, theirs, **close)
+
+
+PACKED_ROWS_CHECK = """
+import sys, torch
+from bulkscore.workers.models import PACK_ROWS
+torch.manual_seed(0)
+torch.set_num_threads(int(sys.argv[1]))
+dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+differ = []
+for dtype in dtypes:
+    # SmolLM2's layer products and its vocabulary projection, at the decode and prefill tiles' rows
+    for k, n in [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, dtype=dtype) / 24, PACK_ROWS)
+        product = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        for rows in (64, 128, 16):
+            x = torch.randn(rows, k, dtype=dtype)
+            alone = product(x)
+            order = torch.randperm(rows)
+            neighbours = torch.randn(rows, k, dtype=dtype)
+            kept = order[: rows // 2]
+            neighbours[kept] = x[kept]
+            if not torch.equal(product(x[order]), alone[order]) or not torch.equal(product(neighbours)[kept], alone[kept]):
+                differ.append((str(dtype), k, n, rows))
+print(differ)
+"""
+
+
+@pytest.mark.parametrize("isa", ["", "AVX2"])
+def test_packed_products_give_each_row_its_own_numbers(isa):
+    """The premise of packing under fixed tiles: at a tile's shape, a packed product's output row is
+    its input row's alone, bitwise, wherever the row sits and whatever its neighbours; on this CPU's
+    kernels and on oneDNN's AVX2 ones (ONEDNN_MAX_CPU_ISA, which oneDNN reads once: a process each)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa) if isa else dict(os.environ)
+    for threads in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", PACKED_ROWS_CHECK, threads], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]", (threads, out.stdout)
 
 
 def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeypatch):

@@ -120,8 +120,11 @@ PACK_ROWS = 64  # the rows oneDNN lays weights out for: a decode tile's (workers
 class PackedLinear(torch.nn.Module):
     """A bias-or-not Linear whose weight oneDNN laid out once, in its own blocked format, instead of
     at every call: bfloat16 products of a decode tile's shape take ~25% less time (measured, [64, 576]
-    x [576, 1536]: 0.28 ms against 0.36). The kernels are oneDNN's, as for torch's own bfloat16
-    products on CPUs, and the tiles' fixed shapes keep a row's numbers its own."""
+    x [576, 1536]: 0.28 ms against 0.36); float32 ones ~20% less than MKL's in its reproducible mode,
+    and half on the vocabulary projection. The kernels are oneDNN's, as for torch's own bfloat16
+    products on CPUs. At a tile's shape each output row depends on its input row alone, bitwise,
+    whatever the other rows and the row's place (tested on AVX-512 and, through ONEDNN_MAX_CPU_ISA,
+    on the AVX2 kernels), so the tiles keep a row's numbers its own."""
 
     def __init__(self, linear: torch.nn.Linear, keep_weight: bool) -> None:
         super().__init__()
@@ -137,13 +140,12 @@ class PackedLinear(torch.nn.Module):
 
 
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this model's products run on oneDNN with packed weights: bfloat16 on a CPU that oneDNN
-    computes bfloat16 on. Float32 stays on MKL, whose reproducible mode pin_kernels asks for."""
+    """Whether this model's products run on oneDNN with packed weights: float32 on CPUs, and bfloat16
+    on a CPU that oneDNN computes bfloat16 on (elsewhere torch converts it in software)."""
     return (
         device.type == "cpu"
-        and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     )
 
 
