@@ -23,6 +23,22 @@ def test_importing_the_driver_loads_neither_torch_nor_transformers():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_worker_imports_none_of_the_driver():
+    """A Ray worker imports the package on its way to bulkscore.workers: the public API (and with it
+    the driver, click and its readers) stays out of its start-up until something asks for it."""
+    code = (
+        "import sys, bulkscore.workers.actor, bulkscore.workers.scoring\n"
+        "print(sorted(m for m in ('bulkscore.jobs.api', 'bulkscore.jobs.run', 'click') if m in sys.modules))\n"
+        "import bulkscore\n"
+        "print(bulkscore.run.__module__, bulkscore.JobError.__name__, sorted(bulkscore.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "[]",
+        "bulkscore.jobs.api JobError ['JobError', 'Result', 'UsageError', 'export', 'report', 'run']",
+    ]
+
+
 def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors():
     """And it starts only what a job uses: no autoscaler monitor, log monitor or dashboard server, a
     minimal dashboard agent (jobs.cluster.start_private_instance), yet runs actors."""
