@@ -113,7 +113,8 @@ def what_happened(cause: str) -> str:
 def death_cause(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     cause = text[0][:300] if text else type(error).__name__
-    return cause + " (it never ran: Ray cancelled it before it started)" if "never ran" in str(error) else cause
+    never_ran = "never ran" in str(error) or "creation cancelled" in str(error)
+    return cause + " (it never ran: Ray cancelled it before it started)" if never_ran else cause
 
 
 class Pool:
@@ -190,10 +191,19 @@ def run_shards(
     room = room or Room()
     if ray_api is None:
         import ray as ray_api
-    from ray.exceptions import ObjectLostError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+    from ray.exceptions import (
+        ObjectLostError,
+        OutOfMemoryError,
+        RayActorError,
+        RaySystemError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
 
-    # A result lost with its node (ObjectLostError) is as lost as the worker that made it.
-    died = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError)
+    # A result lost with its node (ObjectLostError) is as lost as the worker that made it. A call on
+    # an actor whose creation Ray cancelled can end in a RaySystemError ("Actor creation cancelled")
+    # instead of a RayActorError, depending on when Ray learns of it: the worker never ran either way.
+    died = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError, RaySystemError)
     fresh = iter(tasks)
     suspects: deque[Work] = deque()  # pieces that were running when a worker died: each runs alone
     again: deque[Work] = deque()  # pieces lost with a worker that did not cause it: before fresh ones

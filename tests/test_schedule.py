@@ -8,7 +8,7 @@ import time
 
 import pyarrow as pa
 import pytest
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RaySystemError
 
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.schedule import Patience, run_shards
@@ -177,6 +177,9 @@ class SimActor:
         return self.dead or (self.placed() and time.monotonic() >= self.placed_at + self.sim.load_s)
 
     def load_reply(self):
+        if self.number < self.sim.cancel_loading:
+            self.dead = True
+            raise RaySystemError("Actor creation cancelled.")
         if self.number < self.sim.die_loading:
             self.dead = True
         return self.reply({"node": f"n{self.number}"})
@@ -215,6 +218,7 @@ class Sim:
         self.kill_once: set[int] = set()
         self.hangs: set[int] = set()
         self.die_loading = 0  # the first this many workers die while loading
+        self.cancel_loading = 0  # Ray cancels the creation of the first this many workers
         self.murder_every_s, self.random, self.last_murder = murder_every_s, random.Random(seed), time.monotonic()
         self.murders = 0
 
@@ -319,6 +323,17 @@ def test_workers_that_die_while_loading_are_replaced():
     sim.die_loading = 10**6
     with pytest.raises(JobError, match="workers keep dying before their model is loaded"):
         simulate(sim, 30, workers=2)
+
+
+def test_workers_whose_creation_ray_cancels_are_replaced_as_never_ran():
+    """Ray can report an actor it never started as a RaySystemError ("Actor creation cancelled")
+    rather than an actor death: the job treats it as one, says the worker never ran, and goes on."""
+    sim = Sim(room=2)
+    sim.cancel_loading = 2
+    errors, said, outcome = simulate(sim, 30, workers=2)
+    assert set(errors.values()) == {"ok"} and outcome.deaths == 2
+    replaced = [s for s in said if s.startswith("A worker died while starting; starting a replacement")]
+    assert len(replaced) == 2 and all("Actor creation cancelled. (it never ran" in s for s in replaced), said
 
 
 def test_random_deaths_condemn_no_row():
