@@ -163,7 +163,11 @@ def lean_agent() -> str:
 
 @contextmanager
 def swapped(owner: object, name: str, value: object) -> Iterator[None]:
-    """owner.name is `value` for the block (an AttributeError if owner has no such name)."""
+    """owner.name is `value` for the block; nothing changes if owner has no such name (a Ray
+    version without it then starts that part as Ray starts it)."""
+    if not hasattr(owner, name):
+        yield
+        return
     plain = getattr(owner, name)
     setattr(owner, name, value)
     try:

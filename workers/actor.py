@@ -80,15 +80,18 @@ class ShardScorer:
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
-    """Python's cycle collector off for the block, then everything still alive frozen out of its
-    reach. Loading torch, transformers and a model makes about a million objects that live as long as
-    the worker; the collector, run every 700 new ones, would walk them again and again (measured:
-    imports and load 3.8-4.2 s -> 3.5 s). Frozen, they are skipped by every later collection too."""
+    """Python's cycle collector off for the block, then, if it succeeded, everything still alive
+    frozen out of its reach. Loading torch, transformers and a model makes about a million objects
+    that live as long as the worker; the collector, run every 700 new ones, would walk them again and
+    again (measured: imports and load 3.8-4.2 s -> 3.5 s). Frozen, they are skipped by every later
+    collection too; the few cycles the imports left as garbage stay with them (no full collection
+    first: that walk is what this saves). After a failed load nothing is frozen, so that the
+    half-loaded model can go."""
     was_on = gc.isenabled()
     gc.disable()
     try:
         yield
-    finally:
         gc.freeze()
+    finally:
         if was_on:
             gc.enable()

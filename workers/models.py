@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,8 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         self.bias = linear.bias
-        # The output layer keeps its weight for losses.fused_nll (no copy where it is tied to the
-        # embeddings, as in SmolLM2; an untied one is held twice).
+        # The output layer keeps its weight for losses.fused_nll where that scores (half precision; no
+        # copy where it is tied to the embeddings, as in SmolLM2; an untied one is held twice).
         self.weight = linear.weight if keep_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -140,22 +141,27 @@ class PackedLinear(torch.nn.Module):
 
 
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this model's products run on oneDNN with packed weights: float32 on CPUs, and bfloat16
-    on a CPU that oneDNN computes bfloat16 on (elsewhere torch converts it in software)."""
-    return (
-        device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and (dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    )
+    """Whether this model's products run on oneDNN with packed weights: float32 on x86 CPUs (where
+    the packed products' row-invariance is tested), and bfloat16 on a CPU that oneDNN computes
+    bfloat16 on (elsewhere torch converts it in software)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return platform.machine().lower() in X86_MACHINES
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack_weights(model: torch.nn.Module) -> None:
-    """Swap every nn.Linear of the model for a PackedLinear (packs_weights says where that pays)."""
+X86_MACHINES = frozenset({"x86_64", "amd64"})
+
+
+def pack_weights(model: torch.nn.Module, keep_head: bool) -> None:
+    """Swap every nn.Linear of the model for a PackedLinear (packs_weights says where that pays);
+    `keep_head`: the output layer keeps its plain weight too (losses.fused_nll reads it)."""
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, name, PackedLinear(child, keep_weight=child is head))
+                setattr(parent, name, PackedLinear(child, keep_weight=keep_head and child is head))
     release_freed_memory()
 
 
@@ -204,7 +210,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     use_tile_attention(model)
     scale = tile_scale(model)  # from its parameters, before packing hides them
     if packs_weights(device, dtype):
-        pack_weights(model)
+        pack_weights(model, keep_head=dtype != torch.float32)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
