@@ -32,6 +32,9 @@ def test_a_few_shards_spread_over_the_whole_pool():
         def load(self):
             return {"node": "n"}
 
+        def progress(self):  # asked of a worker whose shard takes a while (a slow machine's first call)
+            return 0
+
         def score(self, task):
             return error_result(task, 1, f"scored by {os.getpid()}")
 
