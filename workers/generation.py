@@ -351,14 +351,14 @@ class Decoder:
 
     def choose(self) -> None:
         """Each fresh slot's next token, from its logits; rows that end leave their slot."""
-        running = sorted(self.fresh)
-        self.fresh.clear()
+        fresh, running = self.fresh, sorted(self.fresh)
+        self.fresh = set()
         if not running:
             return
         # Other slots count as done, so that no end-of-sequence bar is computed for them.
         steps = torch.full((self.decode.rows,), self.settings.max_new_tokens, device=self.logits.device)
         steps[running] = torch.tensor([len(self.slots[slot].tokens) for slot in running], device=steps.device)
-        generators = [run.generator if run and slot in running else None for slot, run in enumerate(self.slots)]
+        generators = [run.generator if run and slot in fresh else None for slot, run in enumerate(self.slots)]
         chosen = self.chooser(self.logits, steps, generators, running)  # [R]
         nll = -torch.log_softmax(self.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)  # [R]
         eos = self.lm.eos_token_ids
