@@ -133,8 +133,9 @@ def start_private_instance(quiet: dict) -> None:
     They are left out through Ray's own parameters (no_monitor, include_log_monitor) and its head
     node's start_api_server. The dashboard agent runs as in a minimal Ray install (no HTTP server or
     metrics export), which also spares the driver importing the dashboard's packages to decide so:
-    ray.init 1.8 -> 1.6 s. All for the duration of this ray.init only; should a Ray version lack
-    those, the instance starts as Ray starts it.
+    ray.init 1.8 -> 1.6 s. And the head's start returns as soon as its raylet has registered, not at
+    the end of Ray's one-second wait for it (until_registered): 1.6 -> 1.3 s. All for the duration
+    of this ray.init only; should a Ray version lack those, the instance starts as Ray starts it.
     """
     import ray
     import ray._private.node as node_module
@@ -148,12 +149,43 @@ def start_private_instance(quiet: dict) -> None:
         def start_api_server(self, *args, **kwargs) -> None:
             pass
 
+        def start_ray_processes(self) -> None:
+            super().start_ray_processes()
+            until_registered(self.get_gcs_client(), self.node_id)
+
     try:
         with swapped(node_module, "Node", LeanHead), swapped(ray_utils, "get_dashboard_dependency_error", lean_agent):
             ray.init(address="local", include_dashboard=False, **quiet)
     except (AttributeError, TypeError):  # a Ray whose head does not take these: start it plainly
         ray.shutdown()
         ray.init(address="local", include_dashboard=False, **quiet)
+
+
+REGISTRATION_POLL_S = 0.02
+REGISTRATION_WAIT_S = 30.0
+
+
+def until_registered(gcs: object, node_id: str) -> None:
+    """Return once the GCS lists the node `node_id` (hex) alive, polling every REGISTRATION_POLL_S.
+
+    Ray's head start asks next in a call that, if the raylet has not registered yet, sleeps a whole
+    second before it asks again; and the raylet registers only once its agents are up, ~0.7 s after
+    it starts. So that call always slept its second, ~0.25 s past the registration. After
+    REGISTRATION_WAIT_S, or with a GCS client that cannot tell, Ray's own wait takes over (and
+    reports a raylet that never came)."""
+    from ray._raylet import NodeID
+
+    check_alive = getattr(gcs, "check_alive", None)
+    if check_alive is None:
+        return
+    node, deadline = NodeID.from_hex(node_id), time.monotonic() + REGISTRATION_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if check_alive([node], timeout=REGISTRATION_WAIT_S)[0]:
+                return
+        except Exception:  # a GCS that does not answer: Ray's own wait meets it, and says so
+            return
+        time.sleep(REGISTRATION_POLL_S)
 
 
 def lean_agent() -> str:

@@ -76,6 +76,61 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
     assert not info["dashboard_packages"]
 
 
+def test_a_private_instance_is_up_once_its_raylet_registers():
+    """Ray's head start asks the GCS for its node in a call that sleeps a whole second whenever the
+    raylet has not registered yet, which is always so at the first asking (the raylet waits ~0.7 s
+    for its agents). The private instance waits for the registration itself, in short steps, so
+    Ray's call finds the node at once."""
+    code = (
+        "import json, ray, ray._private.services as services\n"
+        "from ray._raylet import GcsClient, NodeID\n"
+        "from bulkscore.jobs.cluster import ray_session\n"
+        "plain, found = services.get_node, []\n"
+        "def get_node(gcs_address, node_id):\n"
+        "    found.append(GcsClient(address=gcs_address).check_alive([NodeID.from_hex(node_id)], timeout=10)[0])\n"
+        "    return plain(gcs_address, node_id)\n"
+        "services.get_node = get_node\n"
+        "with ray_session(None):\n"
+        "    ran = ray.get(ray.remote(lambda: 'ran').options(num_cpus=0).remote())\n"
+        "print(json.dumps({'found': found, 'ran': ran}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info == {"found": [True], "ran": "ran"}
+
+
+def test_waiting_for_a_raylet_gives_up_to_rays_own_wait(monkeypatch):
+    """A GCS client without the check, or one that fails, leaves the waiting to Ray; a node that
+    never registers is waited for no longer than REGISTRATION_WAIT_S."""
+    from ray._raylet import NodeID
+
+    from bulkscore.jobs import cluster
+
+    node = NodeID.from_random().hex()
+    cluster.until_registered(object(), node)  # no check_alive: returns at once
+
+    class Failing:
+        def check_alive(self, nodes, timeout):
+            raise RuntimeError("GCS unreachable")
+
+    cluster.until_registered(Failing(), node)
+
+    class Never:
+        asked = 0
+
+        def check_alive(self, nodes, timeout):
+            assert [n.hex() for n in nodes] == [node]
+            self.asked += 1
+            return [False]
+
+    monkeypatch.setattr(cluster, "REGISTRATION_WAIT_S", 0.2)
+    never = Never()
+    cluster.until_registered(never, node)
+    assert 2 <= never.asked <= 0.2 / cluster.REGISTRATION_POLL_S + 1
+
+
 def slow_build(target: str, log: str) -> None:
     def build(tmp: Path) -> None:
         with open(log, "a") as f:
