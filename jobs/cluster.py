@@ -134,11 +134,15 @@ def start_private_instance(quiet: dict) -> None:
     node's start_api_server. The dashboard agent runs as in a minimal Ray install (no HTTP server or
     metrics export), which also spares the driver importing the dashboard's packages to decide so:
     ray.init 1.8 -> 1.6 s. And the head's start returns as soon as its raylet has registered, not at
-    the end of Ray's one-second wait for it (until_registered): 1.6 -> 1.3 s. All for the duration
-    of this ray.init only; should a Ray version lack those, the instance starts as Ray starts it.
+    the end of Ray's one-second wait for it (until_registered): 1.6 -> 1.3 s. Its raylet prestarts
+    one worker process as soon as it is up, rather than one per CPU once the driver has connected
+    (EARLY_PRESTART, prestarting_one): the first actor's process boots while the driver connects,
+    with no others beside it. All for the duration of this ray.init only; should a Ray version lack
+    those, the instance starts as Ray starts it.
     """
     import ray
     import ray._private.node as node_module
+    import ray._private.services as services
     import ray._private.utils as ray_utils
 
     class LeanHead(node_module.Node):
@@ -154,11 +158,37 @@ def start_private_instance(quiet: dict) -> None:
             until_registered(self.get_gcs_client(), self.node_id)
 
     try:
-        with swapped(node_module, "Node", LeanHead), swapped(ray_utils, "get_dashboard_dependency_error", lean_agent):
-            ray.init(address="local", include_dashboard=False, **quiet)
+        with (
+            swapped(node_module, "Node", LeanHead),
+            swapped(ray_utils, "get_dashboard_dependency_error", lean_agent),
+            swapped(services, "start_ray_process", prestarting_one(getattr(services, "start_ray_process", None))),
+        ):
+            ray.init(address="local", include_dashboard=False, _system_config=EARLY_PRESTART, **quiet)
     except (AttributeError, TypeError):  # a Ray whose head does not take these: start it plainly
         ray.shutdown()
         ray.init(address="local", include_dashboard=False, **quiet)
+
+
+# The raylet starts its prestarted worker processes as soon as it is up, not once the driver has
+# connected (Ray's default), so that the first actor's process boots while the driver connects.
+EARLY_PRESTART = {"enable_worker_prestart": True}
+PRESTART_FLAG = "--num_prestart_python_workers="
+
+
+def prestarting_one(start: Callable | None) -> Callable | None:
+    """Ray's start_ray_process, but the raylet it starts prestarts one worker process, not one per
+    CPU: the first actor's. The rest start as their actors are placed. Ray's many would boot at
+    once, alongside the driver, on CPUs the first actor's process needs (and the job may never use
+    them: one worker per 4 CPUs by default)."""
+    if start is None:
+        return None
+
+    def start_process(command: list[str], process_type: str, *args, **kwargs):
+        if process_type == "raylet":
+            command = [f"{PRESTART_FLAG}1" if part.startswith(PRESTART_FLAG) else part for part in command]
+        return start(command, process_type, *args, **kwargs)
+
+    return start_process
 
 
 REGISTRATION_POLL_S = 0.02

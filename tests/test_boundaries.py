@@ -55,7 +55,8 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
         "                      'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"
         "                      'dashboard': ray._private.worker._global_node.address_info.get('webui_url'),\n"
         "                      'ran': ran, 'commands': commands,\n"
-        "                      'dashboard_packages': 'aiohttp' in sys.modules}))\n"
+        "                      'dashboard_packages': 'aiohttp' in sys.modules,\n"
+        "                      'early_prestart': ray._private.state.state.get_system_config().get('enable_worker_prestart')}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -74,6 +75,12 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
     agent_commands = [c for c in info["commands"] if "dashboard/agent.py" in c]
     assert agent_commands and all("--minimal" in c for c in agent_commands)
     assert not info["dashboard_packages"]
+    # One worker process, prestarted as soon as the raylet was up (Ray: one per CPU, once the driver
+    # has connected); it ran the task.
+    assert info["early_prestart"] is True
+    raylet = [c for c in info["commands"] if "--num_prestart_python_workers=" in c]
+    assert len(raylet) == 1 and "--num_prestart_python_workers=1 " in raylet[0] + " "
+    assert sum("default_worker.py" in c for c in info["commands"]) == 1
 
 
 def test_a_private_instance_is_up_once_its_raylet_registers():
@@ -129,6 +136,20 @@ def test_waiting_for_a_raylet_gives_up_to_rays_own_wait(monkeypatch):
     never = Never()
     cluster.until_registered(never, node)
     assert 2 <= never.asked <= 0.2 / cluster.REGISTRATION_POLL_S + 1
+
+
+def test_only_the_raylet_is_told_to_prestart_one():
+    from bulkscore.jobs.cluster import prestarting_one
+
+    started = []
+    start = prestarting_one(lambda command, kind, *args, **kwargs: started.append((kind, command, args, kwargs)))
+    start(["raylet", "--num_prestart_python_workers=16", "--head"], "raylet", True, cwd="/")
+    start(["gcs_server", "--num_prestart_python_workers=16"], "gcs_server", True)
+    assert started == [
+        ("raylet", ["raylet", "--num_prestart_python_workers=1", "--head"], (True,), {"cwd": "/"}),
+        ("gcs_server", ["gcs_server", "--num_prestart_python_workers=16"], (True,), {}),
+    ]
+    assert prestarting_one(None) is None  # a Ray without start_ray_process: nothing is swapped
 
 
 def slow_build(target: str, log: str) -> None:
