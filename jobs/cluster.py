@@ -136,9 +136,9 @@ def start_private_instance(quiet: dict) -> None:
     ray.init 1.8 -> 1.6 s. And the head's start returns as soon as its raylet has registered, not at
     the end of Ray's one-second wait for it (until_registered): 1.6 -> 1.3 s. Its raylet prestarts
     one worker process as soon as it is up, rather than one per CPU once the driver has connected
-    (EARLY_PRESTART, prestarting_one): the first actor's process boots while the driver connects,
-    with no others beside it. All for the duration of this ray.init only; should a Ray version lack
-    those, the instance starts as Ray starts it.
+    (EARLY_PRESTART, lean_raylet): the first actor's process boots, and imports torch, while the
+    driver connects and places the actor, with no others beside it. All for the duration of this
+    ray.init only; should a Ray version lack those, the instance starts as Ray starts it.
     """
     import ray
     import ray._private.node as node_module
@@ -161,7 +161,7 @@ def start_private_instance(quiet: dict) -> None:
         with (
             swapped(node_module, "Node", LeanHead),
             swapped(ray_utils, "get_dashboard_dependency_error", lean_agent),
-            swapped(services, "start_ray_process", prestarting_one(getattr(services, "start_ray_process", None))),
+            swapped(services, "start_ray_process", lean_raylet(getattr(services, "start_ray_process", None))),
         ):
             ray.init(address="local", include_dashboard=False, _system_config=EARLY_PRESTART, **quiet)
     except (AttributeError, TypeError):  # a Ray whose head does not take these: start it plainly
@@ -173,22 +173,35 @@ def start_private_instance(quiet: dict) -> None:
 # connected (Ray's default), so that the first actor's process boots while the driver connects.
 EARLY_PRESTART = {"enable_worker_prestart": True}
 PRESTART_FLAG = "--num_prestart_python_workers="
+WORKER_COMMAND_FLAG = "--python_worker_command="
+WORKER_OPTIONS = "RAY_WORKER_DYNAMIC_OPTION_PLACEHOLDER"  # where the raylet adds each worker's own options
+WORKER_PRELOAD = "bulkscore.workers.preload"
 
 
-def prestarting_one(start: Callable | None) -> Callable | None:
+def lean_raylet(start: Callable | None) -> Callable | None:
     """Ray's start_ray_process, but the raylet it starts prestarts one worker process, not one per
-    CPU: the first actor's. The rest start as their actors are placed. Ray's many would boot at
+    CPU, and its worker processes import torch as they boot (WORKER_PRELOAD).
+
+    One: the first actor's. The rest start as their actors are placed. Ray's many would boot at
     once, alongside the driver, on CPUs the first actor's process needs (and the job may never use
-    them: one worker per 4 CPUs by default)."""
+    them: one worker per 4 CPUs by default). Every worker of a private instance is the job's."""
     if start is None:
         return None
 
     def start_process(command: list[str], process_type: str, *args, **kwargs):
         if process_type == "raylet":
-            command = [f"{PRESTART_FLAG}1" if part.startswith(PRESTART_FLAG) else part for part in command]
+            command = [lean_raylet_argument(part) for part in command]
         return start(command, process_type, *args, **kwargs)
 
     return start_process
+
+
+def lean_raylet_argument(part: str) -> str:
+    if part.startswith(PRESTART_FLAG):
+        return f"{PRESTART_FLAG}1"
+    if part.startswith(WORKER_COMMAND_FLAG) and WORKER_OPTIONS in part:
+        return part.replace(WORKER_OPTIONS, f"--worker-preload-modules={WORKER_PRELOAD} {WORKER_OPTIONS}", 1)
+    return part
 
 
 REGISTRATION_POLL_S = 0.02
