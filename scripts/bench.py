@@ -202,12 +202,7 @@ def compare(args) -> None:
     args.input.write_text("".join(line + "\n" for line in lines))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     results = {}
-    args.head = start_head() if "warm" in args.peers else None
-    try:
-        run_peers(args, folder, env, results)
-    finally:
-        if args.head:
-            stop_head(args.head)
+    run_peers(args, folder, env, results)
     reference = results.get("bulkscore", (None, None))[0]
     print(
         f"{args.questions} questions x {args.max_new_tokens} new tokens, {args.prompt_format} prompts, greedy; "
@@ -222,11 +217,18 @@ def compare(args) -> None:
 
 def run_peers(args, folder: Path, env: dict, results: dict) -> None:
     for name in args.peers:
-        command, output = peer_command(name, args, folder)
-        peer_env = env | {"PYTHONPATH": str(Path(args.baseline).resolve())} if name == "before" else env
-        started = time.perf_counter()
-        done = subprocess.run(command, env=peer_env, capture_output=True, text=True)
-        wall = time.perf_counter() - started
+        # The warm peer's head runs for that peer alone: an idle head's dashboard, agents and monitors
+        # take CPU, which would slow every other peer (measured: bulkscore's cold start-up +1 s).
+        args.head = start_head() if name == "warm" else None
+        try:
+            command, output = peer_command(name, args, folder)
+            peer_env = env | {"PYTHONPATH": str(Path(args.baseline).resolve())} if name == "before" else env
+            started = time.perf_counter()
+            done = subprocess.run(command, env=peer_env, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+        finally:
+            if args.head:
+                stop_head(args.head)
         if done.returncode != 0:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = (wall, generated_tokens(output))
