@@ -217,8 +217,8 @@ def compare(args) -> None:
 
 def run_peers(args, folder: Path, env: dict, results: dict) -> None:
     for name in args.peers:
-        # The warm peer's head runs for that peer alone: an idle head's dashboard, agents and monitors
-        # take CPU, which would slow every other peer (measured: bulkscore's cold start-up +1 s).
+        # The warm peer's head runs for that peer alone: no other peer shares the machine with an idle
+        # head's dashboard, agents and monitors.
         args.head = start_head() if name == "warm" else None
         try:
             command, output = peer_command(name, args, folder)
