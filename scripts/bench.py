@@ -135,7 +135,7 @@ def peer_command(name: str, args, folder: Path) -> tuple[list[str], Path]:
         address = ["--address", args.head["gcs"]] if name == "warm" else []
         # "before": the same command from the baseline checkout, first on the path of driver and workers.
         program = (
-            [sys.executable, "-c", "from jobs.cli import cli; cli()"]
+            [sys.executable, "-c", f"from {args.baseline_cli} import cli; cli()"]
             if name == "before"
             else [str(Path(sys.executable).parent / "bulkscore")]
         )
@@ -200,6 +200,8 @@ def compare(args) -> None:
     lines = bundled_questions().read_text().splitlines()[: args.questions]
     args.input = folder / "questions.jsonl"
     args.input.write_text("".join(line + "\n" for line in lines))
+    if args.baseline:
+        args.baseline_path, args.baseline_cli = baseline_on_path(Path(args.baseline).resolve(), folder)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     results = {}
     run_peers(args, folder, env, results)
@@ -215,6 +217,24 @@ def compare(args) -> None:
         print(f"| {name} | {wall:.1f} | {args.questions / wall:.2f} | {tokens / wall:.1f} | {ratio} |")
 
 
+def baseline_on_path(baseline: Path, folder: Path) -> tuple[Path, str]:
+    """What to put first on the path of the `before` peer's driver and workers, and its CLI's module.
+
+    A checkout from before the package rename imports as top-level `jobs` and `workers`. One after it
+    keeps `jobs/` and `workers/` beside `bulkscore/` and installs them as bulkscore.jobs and
+    bulkscore.workers: a folder of links lays that package out, lest the installed (current)
+    bulkscore.jobs and bulkscore.workers answer for the baseline's."""
+    if not (baseline / "bulkscore" / "__init__.py").exists():
+        return baseline, "jobs.cli"
+    package = folder / "baseline" / "bulkscore"
+    package.mkdir(parents=True)
+    for entry in (baseline / "bulkscore").iterdir():
+        (package / entry.name).symlink_to(entry)
+    for part in ("jobs", "workers"):
+        (package / part).symlink_to(baseline / part)
+    return package.parent, "bulkscore.jobs.cli"
+
+
 def run_peers(args, folder: Path, env: dict, results: dict) -> None:
     for name in args.peers:
         # The warm peer's head runs for that peer alone: no other peer shares the machine with an idle
@@ -222,7 +242,7 @@ def run_peers(args, folder: Path, env: dict, results: dict) -> None:
         args.head = start_head() if name == "warm" else None
         try:
             command, output = peer_command(name, args, folder)
-            peer_env = env | {"PYTHONPATH": str(Path(args.baseline).resolve())} if name == "before" else env
+            peer_env = env | {"PYTHONPATH": str(args.baseline_path)} if name == "before" else env
             started = time.perf_counter()
             done = subprocess.run(command, env=peer_env, capture_output=True, text=True)
             wall = time.perf_counter() - started
