@@ -244,7 +244,10 @@ def run_peers(args, folder: Path, env: dict, results: dict) -> None:
             command, output = peer_command(name, args, folder)
             peer_env = env | {"PYTHONPATH": str(args.baseline_path)} if name == "before" else env
             started = time.perf_counter()
-            done = subprocess.run(command, env=peer_env, capture_output=True, text=True)
+            # "before" runs in the bench's folder: in a checkout, the working directory's bulkscore/
+            # would come first on the path of its driver and workers.
+            cwd = folder if name == "before" else None
+            done = subprocess.run(command, env=peer_env, capture_output=True, text=True, cwd=cwd)
             wall = time.perf_counter() - started
         finally:
             if args.head:
@@ -287,7 +290,7 @@ def main() -> None:
 
         args.model = str(prepare_gguf(embedded_gguf()))
     else:
-        args.model = args.model_given
+        args.model = str(Path(args.model_given).resolve()) if Path(args.model_given).exists() else args.model_given
     compare(args)
 
 
