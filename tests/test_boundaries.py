@@ -39,6 +39,15 @@ def test_a_worker_imports_none_of_the_driver():
     ]
 
 
+def last_json_line(code: str) -> dict:
+    """What `code` prints last, as JSON, run in a process of its own that starts a private instance
+    (neither RAY_ADDRESS nor this suite's loopback setting passed on: the instance sets its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors():
     """And it starts only what a job uses: no autoscaler monitor, log monitor or dashboard server, a
     minimal dashboard agent (jobs.cluster.start_private_instance), yet runs actors."""
@@ -61,10 +70,7 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
         "                      'dashboard_packages': 'aiohttp' in sys.modules,\n"
         "                      'early_prestart': ray._private.state.state.get_system_config().get('enable_worker_prestart')}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = last_json_line(code)
     assert info["gcs"].startswith("127.0.0.1:")
     assert info["nodes"] == ["127.0.0.1"]
     assert not info["dashboard"]
@@ -106,10 +112,7 @@ def test_a_private_instance_is_up_once_its_raylet_registers():
         "    ran = ray.get(ray.remote(lambda: 'ran').options(num_cpus=0).remote())\n"
         "print(json.dumps({'found': found, 'ran': ran}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = last_json_line(code)
     assert info == {"found": [True], "ran": "ran"}
 
 
