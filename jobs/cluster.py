@@ -138,7 +138,8 @@ def start_private_instance(quiet: dict) -> None:
     one worker process as soon as it is up, rather than one per CPU once the driver has connected
     (EARLY_PRESTART, lean_raylet): the first actor's process boots, and imports torch, while the
     driver connects and places the actor, with no others beside it. All for the duration of this
-    ray.init only; should a Ray version lack those, the instance starts as Ray starts it.
+    ray.init only. Should a Ray version lack a swapped name, or its worker the preload option, that
+    part starts as Ray starts it.
     """
     import ray
     import ray._private.node as node_module
@@ -155,7 +156,7 @@ def start_private_instance(quiet: dict) -> None:
 
         def start_ray_processes(self) -> None:
             super().start_ray_processes()
-            until_registered(self.get_gcs_client(), self.node_id)
+            until_registered(self)
 
     try:
         with (
@@ -176,59 +177,73 @@ PRESTART_FLAG = "--num_prestart_python_workers="
 WORKER_COMMAND_FLAG = "--python_worker_command="
 WORKER_OPTIONS = "RAY_WORKER_DYNAMIC_OPTION_PLACEHOLDER"  # where the raylet adds each worker's own options
 WORKER_PRELOAD = "bulkscore.workers.preload"
+PRELOAD_FLAG = "--worker-preload-modules="
 
 
-def lean_raylet(start: Callable | None) -> Callable | None:
+def lean_raylet(start: Callable | None, preload: bool | None = None) -> Callable | None:
     """Ray's start_ray_process, but the raylet it starts prestarts one worker process, not one per
-    CPU, and its worker processes import torch as they boot (WORKER_PRELOAD).
+    CPU, and its worker processes import torch as they boot (WORKER_PRELOAD; `preload`, by default
+    if this Ray's worker takes the option).
 
     One: the first actor's. The rest start as their actors are placed. Ray's many would boot at
     once, alongside the driver, on CPUs the first actor's process needs (and the job may never use
     them: one worker per 4 CPUs by default). Every worker of a private instance is the job's."""
     if start is None:
         return None
+    preload = worker_takes_preload() if preload is None else preload
 
-    def start_process(command: list[str], process_type: str, *args, **kwargs):
-        if process_type == "raylet":
-            command = [lean_raylet_argument(part) for part in command]
+    from ray._private import ray_constants
+
+    def start_process(command: list[str], process_type: str, *args, **kwargs) -> object:
+        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+            command = [lean_raylet_argument(part, preload) for part in command]
         return start(command, process_type, *args, **kwargs)
 
     return start_process
 
 
-def lean_raylet_argument(part: str) -> str:
+def lean_raylet_argument(part: str, preload: bool) -> str:
     if part.startswith(PRESTART_FLAG):
         return f"{PRESTART_FLAG}1"
-    if part.startswith(WORKER_COMMAND_FLAG) and WORKER_OPTIONS in part:
-        return part.replace(WORKER_OPTIONS, f"--worker-preload-modules={WORKER_PRELOAD} {WORKER_OPTIONS}", 1)
+    if preload and part.startswith(WORKER_COMMAND_FLAG) and WORKER_OPTIONS in part:
+        return part.replace(WORKER_OPTIONS, f"{PRELOAD_FLAG}{WORKER_PRELOAD} {WORKER_OPTIONS}", 1)
     return part
+
+
+def worker_takes_preload() -> bool:
+    """Whether this Ray's worker process takes PRELOAD_FLAG (Ray's own start never passes it)."""
+    import ray
+
+    worker = Path(ray.__file__).parent / "_private" / "workers" / "default_worker.py"
+    return worker.is_file() and PRELOAD_FLAG.rstrip("=") in worker.read_text()
 
 
 REGISTRATION_POLL_S = 0.02
 REGISTRATION_WAIT_S = 30.0
 
 
-def until_registered(gcs: object, node_id: str) -> None:
-    """Return once the GCS lists the node `node_id` (hex) alive, polling every REGISTRATION_POLL_S.
+def until_registered(node: object) -> None:
+    """Return once the GCS lists `node` (Ray's head Node, its processes started) alive, asking every
+    REGISTRATION_POLL_S.
 
     Ray's head start asks next in a call that, if the raylet has not registered yet, sleeps a whole
     second before it asks again; and the raylet registers only once its agents are up, ~0.7 s after
-    it starts. So that call always slept its second, ~0.25 s past the registration. After
-    REGISTRATION_WAIT_S, or with a GCS client that cannot tell, Ray's own wait takes over (and
-    reports a raylet that never came)."""
-    from ray._raylet import NodeID
+    it starts. So that call always slept its second, ~0.25 s past the registration. Only that is at
+    stake here: should the raylet exit, REGISTRATION_WAIT_S pass, or anything fail on the way (a Ray
+    whose Node or GCS client differs), Ray's own wait takes over, and reports what it meets."""
+    try:
+        from ray._private import ray_constants
+        from ray._raylet import NodeID
 
-    check_alive = getattr(gcs, "check_alive", None)
-    if check_alive is None:
-        return
-    node, deadline = NodeID.from_hex(node_id), time.monotonic() + REGISTRATION_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            if check_alive([node], timeout=REGISTRATION_WAIT_S)[0]:
+        gcs, me = node.get_gcs_client(), NodeID.from_hex(node.node_id)
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+        deadline = time.monotonic() + REGISTRATION_WAIT_S
+        while raylet.poll() is None and time.monotonic() < deadline:
+            if gcs.check_alive([me], timeout=1)[0]:
                 return
-        except Exception:  # a GCS that does not answer: Ray's own wait meets it, and says so
-            return
-        time.sleep(REGISTRATION_POLL_S)
+            time.sleep(REGISTRATION_POLL_S)
+    except Exception:  # not swallowed: Ray's own wait, next, meets the same trouble and reports it
+        return
 
 
 def lean_agent() -> str:

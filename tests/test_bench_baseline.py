@@ -33,7 +33,7 @@ def test_a_renamed_checkout_is_laid_out_as_its_own_package(tmp_path):
         str(path / "bulkscore" / "jobs" / "cli.py"),
         str(path / "bulkscore" / "workers" / "__init__.py"),
     ]
-    assert (path / "bulkscore" / "jobs").resolve() == baseline / "jobs"
+    assert (path / "bulkscore" / "jobs").resolve() == (baseline / "jobs").resolve()
 
 
 def test_a_checkout_from_before_the_rename_runs_as_it_is(tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from bulkscore.workers.embedded import prepare_once
 
@@ -116,39 +117,53 @@ def test_a_private_instance_is_up_once_its_raylet_registers():
     assert info == {"found": [True], "ran": "ran"}
 
 
-def test_waiting_for_a_raylet_gives_up_to_rays_own_wait(monkeypatch):
-    """A GCS client without the check, or one that fails, leaves the waiting to Ray; a node that
-    never registers is waited for no longer than REGISTRATION_WAIT_S."""
-    from ray._raylet import NodeID
+class StandInHead:
+    """What until_registered reads of Ray's head Node: its GCS client, node id and raylet process."""
 
+    def __init__(self, gcs: object, raylet_exit: int | None = None) -> None:
+        from ray._raylet import NodeID
+
+        self.gcs, self.node_id = gcs, NodeID.from_random().hex()
+        raylet = SimpleNamespace(process=SimpleNamespace(poll=lambda: raylet_exit))
+        self.all_processes = {"raylet": [raylet]}
+
+    def get_gcs_client(self) -> object:
+        return self.gcs
+
+
+class AskedGcs:
+    def __init__(self, answer: bool | None) -> None:
+        self.answer, self.asked = answer, 0
+
+    def check_alive(self, nodes: list, timeout: float) -> list[bool]:
+        self.asked += 1
+        if self.answer is None:
+            raise RuntimeError("GCS unreachable")
+        return [self.answer] * len(nodes)
+
+
+def test_waiting_for_a_raylet_gives_up_to_rays_own_wait(monkeypatch):
+    """Anything amiss (a head or GCS client unlike Ray's, a failing GCS, a raylet that exited) hands
+    the wait back to Ray at once; a node that never registers is waited for REGISTRATION_WAIT_S."""
     from bulkscore.jobs import cluster
 
-    node = NodeID.from_random().hex()
-    cluster.until_registered(object(), node)  # no check_alive: returns at once
-
-    class Failing:
-        def check_alive(self, nodes, timeout):
-            raise RuntimeError("GCS unreachable")
-
-    cluster.until_registered(Failing(), node)
-
-    class Never:
-        asked = 0
-
-        def check_alive(self, nodes, timeout):
-            assert [n.hex() for n in nodes] == [node]
-            self.asked += 1
-            return [False]
+    cluster.until_registered(object())  # nothing of a head: returns at once
+    failing, exited, registered = AskedGcs(None), AskedGcs(False), AskedGcs(True)
+    cluster.until_registered(StandInHead(failing))
+    cluster.until_registered(StandInHead(exited, raylet_exit=1))
+    cluster.until_registered(StandInHead(registered))
+    assert (failing.asked, exited.asked, registered.asked) == (1, 0, 1)
 
     monkeypatch.setattr(cluster, "REGISTRATION_WAIT_S", 0.2)
-    never = Never()
-    cluster.until_registered(never, node)
+    never = AskedGcs(False)
+    cluster.until_registered(StandInHead(never))
     assert 2 <= never.asked <= 0.2 / cluster.REGISTRATION_POLL_S + 1
 
 
 def test_only_the_raylet_is_told_to_prestart_one_worker_that_preloads():
-    from bulkscore.jobs.cluster import lean_raylet
+    from bulkscore.jobs.cluster import lean_raylet, worker_takes_preload
 
+    assert worker_takes_preload()  # this Ray's worker takes the option
     started = []
     start = lean_raylet(lambda command, kind, *args, **kwargs: started.append((kind, command, args, kwargs)))
     worker = (
@@ -162,6 +177,10 @@ def test_only_the_raylet_is_told_to_prestart_one_worker_that_preloads():
         ("gcs_server", ["gcs_server", "--num_prestart_python_workers=16", worker], (True,), {}),
     ]
     assert lean_raylet(None) is None  # a Ray without start_ray_process: nothing is swapped
+    # A Ray whose worker lacks the preload option: one prestarted worker, as it starts them.
+    started.clear()
+    lean_raylet(lambda command, *args, **kwargs: started.append(command), preload=False)([worker], "raylet")
+    assert started == [[worker]]
 
 
 def slow_build(target: str, log: str) -> None:

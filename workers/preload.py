@@ -5,7 +5,10 @@ now that import has begun by then. Outside the cycle collector's reach, as the l
 
 from bulkscore.workers.actor import collector_paused
 
-with collector_paused():
-    from bulkscore.workers.models import pin_kernels
+try:
+    with collector_paused():
+        from bulkscore.workers.models import pin_kernels
 
-    pin_kernels()
+        pin_kernels()
+except Exception:  # Ray would end the process over it; the actor's load meets it again and reports it
+    pass
