@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -61,11 +63,19 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
         "        import gc\n"
         "        return {'torch': 'torch' in sys.modules, 'frozen': gc.get_freeze_count(), 'collecting': gc.isenabled()}\n"
         "    ran = ray.get(ray.remote(worker).options(num_cpus=0).remote())\n"
-        "    below = set(descendants(os.getpid()))\n"
-        "    listing = subprocess.run(['ps', '-eo', 'pid=,args='], capture_output=True, text=True).stdout\n"
-        "    commands = [line for line in listing.splitlines() if int(line.split()[0]) in below]\n"
+        "    def processes():\n"
+        "        below = set(descendants(os.getpid()))\n"
+        "        listing = subprocess.run(['ps', '-eo', 'pid=,ni=,args='], capture_output=True, text=True).stdout\n"
+        "        return [line for line in listing.splitlines() if int(line.split()[0]) in below]\n"
+        "    commands = processes()\n"
+        "    probe = ray.remote(lambda: os.environ.get('PROBE')).options(num_cpus=0, runtime_env={'env_vars': {'PROBE': 'set'}})\n"
+        "    in_runtime_env = ray.get(probe.remote(), timeout=60)\n"
+        "    workers_after = sum(line.split()[2] == 'ray::IDLE' for line in processes())\n"
+        "    ports = ('RuntimeEnvAgentPort', 'MetricsAgentPort', 'MetricsExportPort', 'DashboardAgentListenPort')\n"
         "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
         "                      'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"
+        "                      'ports': {name: ray.nodes()[0][name] for name in ports},\n"
+        "                      'in_runtime_env': in_runtime_env, 'workers_after': workers_after,\n"
         "                      'dashboard': ray._private.worker._global_node.address_info.get('webui_url'),\n"
         "                      'ran': ran, 'commands': commands,\n"
         "                      'dashboard_packages': 'aiohttp' in sys.modules,\n"
@@ -88,11 +98,26 @@ def test_private_ray_instance_listens_on_loopback_without_dashboard_or_monitors(
     assert agent_commands and all("--minimal" in c for c in agent_commands)
     assert not info["dashboard_packages"]
     # One worker process, prestarted as soon as the raylet was up (Ray: one per CPU, once the driver
-    # has connected); it ran the task.
+    # has connected); it ran the task. (Ray names its worker processes ray::<what they run>.)
     assert info["early_prestart"] is True
     raylet = [c for c in info["commands"] if "--num_prestart_python_workers=" in c]
     assert len(raylet) == 1 and "--num_prestart_python_workers=1 " in raylet[0] + " "
-    assert sum("default_worker.py" in c for c in info["commands"]) == 1
+    workers = [c for c in info["commands"] if c.split()[2].startswith("ray::") and "Agent" not in c]
+    assert [c.split()[2] for c in workers] == ["ray::IDLE"]
+    # The raylet did not wait for its agents' port reports (jobs.cluster.lean_raylet_command): it
+    # was given the minimal agent's unused ports (-1) and the runtime env agent's chosen one, and
+    # registered those; the runtime env agent serves there (a task in a runtime env ran).
+    assert info["ports"]["MetricsAgentPort"] == info["ports"]["MetricsExportPort"] == -1
+    assert info["ports"]["DashboardAgentListenPort"] == -1
+    told = raylet[0].split("--runtime_env_agent_port=")[1].split()[0]
+    assert int(told) == info["ports"]["RuntimeEnvAgentPort"] > 0
+    assert info["in_runtime_env"] == "set" and info["workers_after"] == 2  # its own worker process
+    # Both agents run at niceness 19, below the worker processes (Ray's 15).
+    niceness = {
+        line.split()[2]: int(line.split()[1]) for line in info["commands"] if line.split()[2].startswith("ray::")
+    }
+    assert niceness["ray::DashboardAgent"] == niceness["ray::RuntimeEnvAgent"] == 19
+    assert all(n == 15 for name, n in niceness.items() if "Agent" not in name)
 
 
 def test_a_private_instance_is_up_once_its_raylet_registers():
@@ -176,11 +201,57 @@ def test_only_the_raylet_is_told_to_prestart_one_worker_that_preloads():
         ("raylet", ["raylet", "--num_prestart_python_workers=1", preloading, "--head"], (True,), {"cwd": "/"}),
         ("gcs_server", ["gcs_server", "--num_prestart_python_workers=16", worker], (True,), {}),
     ]
+
     assert lean_raylet(None) is None  # a Ray without start_ray_process: nothing is swapped
     # A Ray whose worker lacks the preload option: one prestarted worker, as it starts them.
     started.clear()
     lean_raylet(lambda command, *args, **kwargs: started.append(command), preload=False)([worker], "raylet")
     assert started == [[worker]]
+
+
+def test_the_raylet_is_told_its_minimal_agents_unused_ports_and_runs_them_below_its_workers():
+    from bulkscore.jobs.cluster import lean_raylet_command
+
+    nice = shutil.which("nice")
+    agents = ["--dashboard_agent_command=python agent.py --listen-port=0", "--runtime_env_agent_command=python main.py"]
+    ports = ["--metrics-agent-port=0", "--metrics_export_port=0", "--runtime_env_agent_port=4321"]
+    niced = [f"{a.split('=', 1)[0]}={nice} -n 19 {a.split('=', 1)[1]}" for a in agents]
+    unused = ["--metrics-agent-port=-1", "--metrics_export_port=-1", "--dashboard_agent_listen_port=-1"]
+
+    minimal = [agents[0] + " --minimal", agents[1]]
+    assert lean_raylet_command(["raylet", *minimal, *ports], preload=False) == [
+        "raylet",
+        niced[0] + " --minimal",
+        niced[1],
+        "--runtime_env_agent_port=4321",
+        *unused,
+    ]
+    # A full dashboard agent reports ports it serves on: the raylet waits for them, as Ray has it.
+    assert lean_raylet_command(["raylet", *agents, *ports], preload=False) == ["raylet", *niced, *ports]
+    # A Ray that chooses the agents' ports itself: nothing to wait for, nothing told.
+    chosen = ["--metrics-agent-port=5001", "--metrics_export_port=5002", "--runtime_env_agent_port=5003"]
+    assert lean_raylet_command(["raylet", *minimal, *chosen], preload=False)[3:] == chosen
+
+
+def test_a_chosen_agent_port_is_free_and_outside_the_kernels_own_picks(tmp_path, monkeypatch):
+    from bulkscore.jobs import cluster
+
+    below = int(cluster.PICKED_PORTS_FILE.read_text().split()[0])
+    ports = {cluster.free_port() for _ in range(20)}
+    assert all(cluster.CHOSEN_PORTS_FROM <= port < below for port in ports)
+
+    with socket.socket() as taken:  # the only port left to choose is in use: the agent picks its own
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        picked = tmp_path / "ip_local_port_range"
+        picked.write_text(f"{port + 1}\t60999\n")
+        monkeypatch.setattr(cluster, "PICKED_PORTS_FILE", picked)
+        monkeypatch.setattr(cluster, "CHOSEN_PORTS_FROM", port)
+        assert cluster.free_port() == 0
+        taken.close()
+        assert cluster.free_port() == port
+    picked.write_text("1024 60999\n")  # the kernel may pick any: nothing is chosen ahead
+    assert cluster.free_port() == 0
 
 
 def slow_build(target: str, log: str) -> None:
