@@ -177,7 +177,7 @@ def cli() -> None:
     type=AutoOrWhole(),
     default=default("batch_size"),
     show_default=True,
-    help="Rows decoded at once per worker, at most one tile of 64; results do not depend on it.",
+    help="Rows decoded at once per worker, at most one tile of 128; results do not depend on it.",
 )
 @seconds_option(
     "placement_timeout",

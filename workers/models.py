@@ -115,7 +115,7 @@ def kernels_pinned(device: torch.device) -> bool:
     return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 
 
-PACK_ROWS = 64  # the rows oneDNN lays weights out for: a decode tile's (workers.tiles.DECODE_ROWS)
+PACK_ROWS = 128  # the rows oneDNN lays weights out for: a decode tile's (workers.tiles.DECODE_ROWS)
 
 
 class PackedLinear(torch.nn.Module):
@@ -181,10 +181,10 @@ MAX_TILE_SCALE = 8
 
 def tile_scale(model: torch.nn.Module) -> int:
     """How many times the tiles' usual rows this model's calls take: 1 for any model of a million
-    parameters or more, up to MAX_TILE_SCALE (a power of two) for smaller ones. A 64-row decode call
-    of a 20,000-parameter model does ~1 M multiply-adds, far less than the ~1 ms of Python every call
-    costs, so such a model's rate is set by its number of calls. The scale depends on the model
-    alone, so its tiles are as fixed as any other's."""
+    parameters or more, up to MAX_TILE_SCALE (a power of two) for smaller ones. A 128-row decode
+    call of a 20,000-parameter model does ~2.6 M multiply-adds, far less than the ~1 ms of Python
+    every call costs, so such a model's rate is set by its number of calls. The scale depends on the
+    model alone, so its tiles are as fixed as any other's."""
     parameters = sum(p.numel() for p in model.parameters())
     scale = 1
     while scale < MAX_TILE_SCALE and parameters * scale * 2 <= SMALL_MODEL:

@@ -25,7 +25,7 @@ import torch
 
 from bulkscore.workers.models import LoadedModel
 
-DECODE_ROWS = 64  # rows of every decode call: [64, 1]
+DECODE_ROWS = 128  # rows of every decode call: [128, 1]
 PREFILL_ROWS = 16  # rows of every prefill call: [16, CHUNK]
 CHUNK = 8  # tokens per row of a prefill call
 MIN_LENGTH = 128  # fewest cache positions per row
