@@ -228,6 +228,7 @@ class Decoder:
         self.chooser = Chooser(settings, lm.eos_token_ids)
         # Tokens that can hold a stop string.
         self.stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0
+        self.merges: dict[tuple[int, int], int | None] = {}  # merged_tail's answers, by token pair
 
     @property
     def busy(self) -> bool:
@@ -272,8 +273,9 @@ class Decoder:
                     unreserved -= len(self.filling[row].pendings)
             if not any(self.filling):
                 return
-            for row in self.feed_prefill():
-                self.admit(self.filling[row], row)
+            finished = self.feed_prefill()
+            self.admit(finished)
+            for row in finished:
                 self.filling[row] = None
 
     def start_prefill(self, row: int, room: int) -> None:
@@ -333,21 +335,32 @@ class Decoder:
                 finished.append(row)
         return finished
 
-    def admit(self, run: Prefilling, row: int) -> None:
-        """A prefilled prompt's requests into free decode slots: its keys and values, and its logits."""
-        slots = [s for s in range(self.in_flight) if self.slots[s] is None][: len(run.pendings)]
-        prompt = run.pendings[0].request.prompt
-        self.decode.cache.take(slots, self.prefill.cache, [row] * len(slots), len(prompt))
-        self.logits[slots] = run.first
-        self.fresh.update(slots)
-        continuation = run.nlls[run.prompt_last :] if run.continued else None
-        mean = sum(continuation) / len(continuation) if continuation else None
-        prompt_nlls = tuple(run.nlls[: run.prompt_last]) if run.scores_prompt else None
-        for pending, slot in zip(run.pendings, slots):
-            generator = None
-            if not self.settings.greedy:
-                generator = torch.Generator(device=self.lm.device).manual_seed(pending.request.seed)
-            self.slots[slot] = Running(pending, generator, mean, prompt_nlls)
+    def admit(self, rows: Sequence[int]) -> None:
+        """The prompts prefilled in prefill rows `rows` into free decode slots, in order: their keys
+        and values (one copy per layer for them all, up to the longest prompt's length), and their
+        logits. Nothing is in a slot before the copy is done, so a failing copy fails them all."""
+        if not rows:
+            return
+        free = iter([s for s in range(self.in_flight) if self.slots[s] is None])
+        runs = [self.filling[row] for row in rows]
+        taken = [[next(free) for _ in run.pendings] for run in runs]
+        self.decode.cache.take(
+            [slot for slots in taken for slot in slots],
+            self.prefill.cache,
+            [row for row, slots in zip(rows, taken) for _ in slots],
+            max(len(run.pendings[0].request.prompt) for run in runs),
+        )
+        for run, slots in zip(runs, taken):
+            self.logits[slots] = run.first
+            self.fresh.update(slots)
+            continuation = run.nlls[run.prompt_last :] if run.continued else None
+            mean = sum(continuation) / len(continuation) if continuation else None
+            prompt_nlls = tuple(run.nlls[: run.prompt_last]) if run.scores_prompt else None
+            for pending, slot in zip(run.pendings, slots):
+                generator = None
+                if not self.settings.greedy:
+                    generator = torch.Generator(device=self.lm.device).manual_seed(pending.request.seed)
+                self.slots[slot] = Running(pending, generator, mean, prompt_nlls)
 
     def choose(self) -> None:
         """Each fresh slot's next token, from its logits; rows that end leave their slot."""
@@ -391,11 +404,16 @@ class Decoder:
         first of the two give."""
         if len(tokens) < 2 or self.previous is None:
             return None
-        text = self.lm.tokenizer.decode(tokens[-2:])
-        merged = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(merged) != 1:
+        pair = (tokens[-2], tokens[-1])
+        if pair not in self.merges:
+            if len(self.merges) >= MERGES_KEPT:
+                self.merges.clear()
+            merged = self.lm.tokenizer(self.lm.tokenizer.decode(pair), add_special_tokens=False)["input_ids"]
+            self.merges[pair] = merged[0] if len(merged) == 1 else None
+        token = self.merges[pair]
+        if token is None:
             return None
-        return merged[0], -torch.log_softmax(self.previous[slot], dim=-1)[merged[0]].item()
+        return token, -torch.log_softmax(self.previous[slot], dim=-1)[token].item()
 
     def step(self) -> None:
         """One decode call: each running slot feeds its last token, at the position after its others."""
@@ -406,6 +424,9 @@ class Decoder:
                 feeds[slot] = ([run.tokens[-1]], prompt + len(run.tokens) - 1)
         self.previous, self.logits = self.logits, self.decode.forward(feeds, last_only=True)
         self.fresh = {slot for slot, run in enumerate(self.slots) if run is not None}
+
+
+MERGES_KEPT = 1 << 16  # token pairs whose re-tokenization a decoder remembers (merged_tail)
 
 
 def model_thread(threads: int) -> ThreadPoolExecutor:
