@@ -72,16 +72,15 @@ def sample_seed(seed: int, row: int, sample: int) -> int:
 
 def gumbel_noise(generators: Sequence[torch.Generator | None], vocab: int, device) -> torch.Tensor:
     """[rows, vocab] Gumbel noise, row r's from its own generator (zeros where there is none): added to
-    a row's scores, it turns their argmax into a draw from their softmax."""
-    uniform = torch.stack(
-        [
-            torch.rand(vocab, generator=g, device=device, dtype=torch.float32)
-            if g is not None
-            else torch.full((vocab,), 0.5, device=device)
-            for g in generators
-        ]
-    )
-    return -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
+    a row's scores, it turns their argmax into a draw from their softmax. Made row by row, each at
+    the shape [vocab], so a row's noise is its own whatever the tile's rows, and rows without a
+    generator (free slots, rows not choosing this round) cost nothing."""
+    noise = torch.zeros(len(generators), vocab, device=device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform = torch.rand(vocab, generator=generator, device=device, dtype=torch.float32)
+            noise[row] = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
+    return noise
 
 
 NUCLEUS_CANDIDATES = 256  # the most likely tokens, where a row's top-p set is looked for first
