@@ -21,7 +21,7 @@ import pyarrow as pa
 from bulkscore.jobs.errors import JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS, Export, export_answers
 from bulkscore.jobs.gather import read_output
-from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions
+from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions, task_columns
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
 from bulkscore.jobs.schedule import DEFAULT_HANG_TIMEOUT_S, DEFAULT_PLACEMENT_TIMEOUT_S, Patience
@@ -29,6 +29,7 @@ from bulkscore.jobs.settings import JobSpec, check_remote_code, prompt_settings,
 from bulkscore.jobs.storage import Location, locate
 from bulkscore.workers.contract import (
     DEFAULT_ANSWER_REGEX,
+    TASKS,
     GenerationSettings,
     GradingSettings,
     ModelSpec,
@@ -69,15 +70,19 @@ def run(
     overwrite: bool = False,
     limit: int | None = None,
     keep_parts: bool = False,
+    task: str = "generate",
     question_column: str | None = None,
     answer_column: str | None = None,
     id_column: str | None = None,
+    choices_column: str | None = None,
+    continuation_column: str | None = None,
+    choice_delimiter: str = " ",
     model: str | None = None,
     adapter: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
-    prompt_format: str = "chat",
+    prompt_format: str | None = None,
     system: str | None = None,
     examples: str | os.PathLike | None = None,
     max_new_tokens: int = 64,
@@ -103,7 +108,10 @@ def run(
     """Score a model on questions: the job `bulkscore run` runs, from Python.
 
     `inputs`: a path or a list of paths (JSONL, JSON, Parquet), a pyarrow Table, a pandas
-    DataFrame or a list of dicts; None scores the bundled unit-conversion set. The keywords are
+    DataFrame or a list of dicts; None scores the bundled unit-conversion set. `task`: generate
+    (an answer per row, graded), or score given text as lm-evaluation-harness does: choice (a
+    `choices` column), loglikelihood (a `continuation` column), perplexity (a `text` column);
+    `prompt_format` defaults to chat for generate, raw (lm-eval's) for the others. The keywords are
     `bulkscore run`'s options with underscores (see `bulkscore run --help`). With `output`, the
     Parquet file and its summary are written as the command writes them, and the same call again
     resumes; without it, nothing is written. Uses the Ray this process is connected to (a
@@ -121,6 +129,8 @@ def run(
     started = time.perf_counter()
     say = say or ((lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr)))
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if prompt_format is None:
+        prompt_format = "chat" if task == "generate" else "raw"
     batch = check_auto_or_whole("--batch-size", batch_size)
     shard_size = check_auto_or_whole("--shard-size", shard_size)
     check_run(locals())
@@ -137,17 +147,22 @@ def run(
             prompt_settings(prompt_format, system, examples_path),
             GenerationSettings(max_new_tokens, min_new_tokens, temperature, top_p, num_samples, seed, stop, batch),
             GradingSettings(tolerance, answer_regex),
+            task,
+            choice_delimiter,
         ),
         shard_size=shard_size,
         limit=limit,
     )
-    questions = load_questions(
-        sources or [bundled_questions()], Columns(question_column, answer_column, id_column), limit
+    paths = sources or [bundled_questions()]
+    questions = load_questions(paths, Columns(question_column, answer_column, id_column, task), limit)
+    where = ", ".join(map(str, paths))
+    extra = pa.table(task_columns(questions, task, where, choices_column, continuation_column))
+    say(
+        f"Read {questions.num_rows} {'questions' if task == 'generate' else 'rows'} in {time.perf_counter() - started:.1f} s"
     )
-    say(f"Read {questions.num_rows} questions in {time.perf_counter() - started:.1f} s")
     patience = Patience(placement_timeout, hang_timeout)
     options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet, patience)
-    report = run_job(spec, questions, options, say)
+    report = run_job(spec, questions, options, say, extra if extra.num_columns else None)
     return Result(report.summary, report.already_finished, location, report.table)
 
 
@@ -201,6 +216,7 @@ def is_number(value) -> bool:
 
 # Each option's check as the command line makes it: (name, holds(value), what it must be).
 OPTION_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("task", lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
     ("limit", lambda v: v is None or is_whole(v, 1), "a whole number of at least 1"),
     ("dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("device", lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
@@ -244,6 +260,28 @@ def check_run(options: dict) -> None:
     if any(s == "" for s in options["stop"]):
         raise UsageError("--stop", "a stop string cannot be empty")
     check_prompt_options(options["prompt_format"], options["system"], options["examples"])
+    check_task_options(options)
+
+
+def check_task_options(options: dict) -> None:
+    """The likelihood tasks score given text: no sampling, and only the columns they read."""
+    task = options["task"]
+    if task == "generate":
+        for name in ("choices_column", "continuation_column"):
+            if options[name] is not None:
+                raise UsageError(option(name), "only for --task choice or loglikelihood")
+        return
+    if options["num_samples"] > 1 or options["temperature"] != 0:
+        what = "--num-samples" if options["num_samples"] > 1 else "--temperature"
+        raise UsageError(what, f"--task {task} scores given text and samples nothing; drop {what}")
+    if task == "perplexity" and options["prompt_format"] != "raw":
+        raise UsageError("--prompt-format", "--task perplexity scores each text as it is (raw)")
+    if options["answer_column"] is not None and task != "choice":
+        raise UsageError("--answer-column", f"--task {task} reads no answer")
+    if options["choices_column"] is not None and task != "choice":
+        raise UsageError("--choices-column", "only for --task choice")
+    if options["continuation_column"] is not None and task != "loglikelihood":
+        raise UsageError("--continuation-column", "only for --task loglikelihood")
 
 
 def check_prompt_options(prompt_format: str, system: str | None, examples) -> None:

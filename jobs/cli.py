@@ -18,6 +18,7 @@ from bulkscore.jobs.gather import summary_path
 from bulkscore.jobs.parts import checkpoints
 from bulkscore.jobs.report import DEFAULT_BY
 from bulkscore.jobs.storage import locate
+from bulkscore.workers.contract import TASKS
 from bulkscore.workers.prompts import PROMPT_FORMATS
 
 
@@ -90,12 +91,36 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or the checkpoints of another job.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N rows.")
 @click.option("--keep-parts", is_flag=True, help="Keep OUTPUT.parts/ (the per-shard checkpoints) after merging.")
-@click.option("--question-column", help="Column with the question [default: first of question, prompt, input].")
+@click.option(
+    "--task",
+    type=click.Choice(TASKS),
+    default=default("task"),
+    show_default=True,
+    help="generate: an answer per question, graded, with three losses; choice: pick among a row's `choices` "
+    "by log-likelihood; loglikelihood: a `continuation`'s log-likelihood after the question; perplexity: a "
+    "`text` column's (lm-evaluation-harness's request types and tokenization).",
+)
+@click.option(
+    "--question-column",
+    help="Column with the question [default: first of question, prompt, input; choice: question, context, "
+    "query, ...; loglikelihood: context, question, ...; perplexity: text, question, ...].",
+)
 @click.option(
     "--answer-column",
     help="Column with the reference answer [default: first of answer, reference, target, correct_answer].",
 )
 @click.option("--id-column", help="Column with the row id [default: id, else the row's 0-based index].")
+@click.option("--choices-column", help="choice: the column with each row's list of choices [default: choices].")
+@click.option(
+    "--continuation-column",
+    help="loglikelihood: the column with the text scored after each context [default: continuation].",
+)
+@click.option(
+    "--choice-delimiter",
+    default=default("choice_delimiter"),
+    show_default=repr(default("choice_delimiter")),
+    help="choice: the text between the context and each choice (lm-eval's target_delimiter).",
+)
 @click.option("--model", help="Hub id, model folder or .gguf file [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--dtype", type=click.Choice(api.DTYPES), default=default("dtype"), show_default=True)
 @click.option("--device", type=click.Choice(api.DEVICES), default=default("device"), show_default=True)
@@ -106,9 +131,7 @@ def cli() -> None:
 @click.option(
     "--prompt-format",
     type=click.Choice(PROMPT_FORMATS),
-    default=default("prompt_format"),
-    show_default=True,
-    help="raw: the question as is; chat: the tokenizer's chat template; cot: chat with an instruction to reason briefly and answer in <answer></answer>, after worked examples.",
+    help="raw: the question as is; chat: the tokenizer's chat template; cot: chat with an instruction to reason briefly and answer in <answer></answer>, after worked examples [default: chat; raw for the other tasks, as lm-eval].",
 )
 @click.option("--system", help="System message (chat); replaces the instruction (cot).")
 @click.option(
@@ -215,13 +238,52 @@ def run(inputs, output, **options):
     click.echo(f"Wrote {output} and {summary_path(locate(output))}")
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def task_lines(summary: dict) -> list[tuple[str, str]]:
+    """The summary lines of a likelihood task's figures."""
+    task = summary["task"]
+    if task == "choice":
+        return [
+            (
+                "acc",
+                f"{num(summary['acc'], 4)} ± {num(summary['acc_stderr'], 4)} ({summary['correct']:,} of {summary['with_answer']:,})",
+            ),
+            (
+                "acc_norm",
+                f"{num(summary['acc_norm'], 4)} ± {num(summary['acc_norm_stderr'], 4)} ({summary['correct_norm']:,})",
+            ),
+        ]
+    if task == "loglikelihood":
+        return [
+            (
+                "acc",
+                f"{num(summary['acc'], 4)} ± {num(summary['acc_stderr'], 4)} (greedy continuations: {summary['greedy']:,})",
+            ),
+            ("perplexity", f"{num(summary['perplexity'], 4)} (mean log-prob {num(summary['mean_logprob'], 4)})"),
+        ]
+    return [
+        ("word ppl", num(summary["word_perplexity"], 4)),
+        ("byte ppl", f"{num(summary['byte_perplexity'], 4)} ({num(summary['bits_per_byte'], 4)} bits per byte)"),
+        ("tokens", f"{summary['tokens']:,} ({summary['words']:,} words, {summary['bytes']:,} bytes)"),
+    ]
+
+
 def summary_table(summary: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    def num(x, digits=3):
-        return "-" if x is None else f"{x:.{digits}f}"
-
+    if summary.get("task", "generate") != "generate":
+        lines = [
+            ("rows", f"{summary['rows']:,} ({summary['errors']:,} errors)"),
+            *task_lines(summary),
+            ("elapsed", f"{summary['elapsed_s']:.1f} s ({num(summary['rows_per_s'], 2)} rows/s)"),
+            ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
+        ]
+        return "\n".join(f"{k:<10} {v}" for k, v in lines)
     lines = [
         ("rows", f"{summary['rows']:,} ({summary['samples']:,} samples, {summary['errors']:,} errors)"),
         ("answered", f"{summary['answered']:,} ({pct(summary['answer_rate'])})"),

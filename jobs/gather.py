@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -13,25 +14,27 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.storage import Location
-from bulkscore.workers.contract import RESULT_SCHEMA
+from bulkscore.workers.contract import RESULT_SCHEMAS, result_schema
 
 SETTINGS_KEY = b"bulkscore.settings"
 SUMMARY_KEY = b"bulkscore.summary"
+ANSWER_INDEX = "__answer_index"  # a choice job's answers as indices, where the input typed them so; not output
 
 
-def output_schema(questions: pa.Schema) -> pa.Schema:
-    """The output contract's columns, in order, then the input's other columns (pass-through)."""
-    head = [
-        questions.field("id"),
-        RESULT_SCHEMA.field("sample"),
-        pa.field("question", pa.string()),
-        pa.field("reference", pa.string()),
-    ]
-    contract = head + [f for f in RESULT_SCHEMA if f.name not in ("row", "sample")]
-    return pa.schema(contract + [f for f in questions if f.name not in CONTRACT_COLUMNS])
+def output_schema(questions: pa.Schema, task: str = "generate") -> pa.Schema:
+    """The output contract's columns for the task, in order, then the input's other columns (pass-through)."""
+    result = result_schema(task)
+    head = [questions.field("id"), result.field("sample"), pa.field("question", pa.string())]
+    if task in ("generate", "choice"):
+        head.append(pa.field("reference", pa.string()))
+    contract = head + [f for f in result if f.name not in ("row", "sample")]
+    return pa.schema(contract + [f for f in questions if f.name not in CONTRACT_COLUMNS | {ANSWER_INDEX}])
 
 
-CONTRACT_COLUMNS = frozenset(["id", "question", "reference"] + RESULT_SCHEMA.names) - {"row"}
+# Names the output's own columns take in some task: an input column so named gets `input_`.
+CONTRACT_COLUMNS = frozenset(
+    ["id", "question", "reference"] + [name for schema in RESULT_SCHEMAS.values() for name in schema.names]
+) - {"row"}
 
 
 def summary_path(output: Location) -> Location:
@@ -39,14 +42,14 @@ def summary_path(output: Location) -> Location:
     return output.sibling(stem + ".summary.json")
 
 
-def shard_rows(questions: pa.Table, result: pa.Table) -> pa.Table:
+def shard_rows(questions: pa.Table, result: pa.Table, task: str = "generate") -> pa.Table:
     """Output rows of one shard: the input's id, question and reference beside each result row.
 
     `result` is checked and sorted by (row, sample) already; `row` indexes `questions`.
     """
     source = questions.take(result.column("row"))
-    schema = output_schema(questions.schema)
-    columns = {name: result.column(name) for name in RESULT_SCHEMA.names if name != "row"}
+    schema = output_schema(questions.schema, task)
+    columns = {name: result.column(name) for name in result.schema.names if name != "row"}
     return pa.table([columns[name] if name in columns else source.column(name) for name in schema.names], schema=schema)
 
 
@@ -77,6 +80,7 @@ class Tally:
     LOSSES = ("loss", "completion_loss", "reference_loss")
 
     def __init__(self) -> None:
+        """The generate task's; the other tasks' are its subclasses below (tally_for)."""
         self.counts = dict.fromkeys(self.COUNTS, 0)
         self.losses = {name: [0.0, 0] for name in self.LOSSES}  # name -> [sum, how many]
         self.error_kinds: Counter = Counter()
@@ -133,8 +137,140 @@ def rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def summarize(tally: Tally, num_rows: int, elapsed_s: float, extra: dict) -> dict:
+def mean_stderr(hits: int, n: int) -> float | None:
+    """lm-eval's standard error of a mean of 0/1 values: sample standard deviation over sqrt(n)."""
+    if n < 2:
+        return None
+    return math.sqrt((hits - hits * hits / n) / (n - 1) / n)
+
+
+class ChoiceTally(Tally):
+    """A choice job's figures: accuracy by the summed log-probs and by those per character."""
+
+    COUNTS = ("samples", "errors", "with_answer", "correct", "correct_norm", "prompt_tokens")
+    LOSSES = ()
+
+    @staticmethod
+    def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
+        flags = {
+            "errors": pc.is_valid(table.column("error")),
+            "with_answer": pc.is_valid(table.column("is_correct")),
+            "correct": pc.fill_null(table.column("is_correct"), False),
+            "correct_norm": pc.fill_null(table.column("is_correct_norm"), False),
+        }
+        return {name: c.cast(pa.int64()) for name, c in (flags | {"prompt_tokens": table["num_prompt_tokens"]}).items()}
+
+    def figures(self) -> dict:
+        c, n = self.counts, self.counts["with_answer"]
+        return c | {
+            "acc": c["correct"] / n if n else None,
+            "acc_stderr": mean_stderr(c["correct"], n),
+            "acc_norm": c["correct_norm"] / n if n else None,
+            "acc_norm_stderr": mean_stderr(c["correct_norm"], n),
+        }
+
+    def summary(self) -> dict:
+        f = self.figures()
+        keys = ("with_answer", "correct", "correct_norm", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+        return {k: rounded(f[k]) if isinstance(f[k], float) else f[k] for k in keys} | {
+            "prompt_tokens": f["prompt_tokens"]
+        }
+
+
+class LoglikelihoodTally(Tally):
+    """A loglikelihood job's figures: how often the continuation is the greedy one, and its log-probs."""
+
+    COUNTS = ("samples", "errors", "greedy", "prompt_tokens", "continuation_tokens")
+    LOSSES = ("logprob",)
+
+    @staticmethod
+    def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
+        columns = {
+            "errors": pc.is_valid(table.column("error")),
+            "greedy": pc.fill_null(table.column("is_greedy"), False),
+            "prompt_tokens": table.column("num_prompt_tokens"),
+            "continuation_tokens": table.column("num_continuation_tokens"),
+        }
+        return {name: c.cast(pa.int64()) for name, c in columns.items()}
+
+    def figures(self) -> dict:
+        c, scored = self.counts, self.losses["logprob"][1]
+        mean = self.mean("logprob")
+        return c | {
+            "acc": c["greedy"] / scored if scored else None,  # lm-eval's acc of a loglikelihood task
+            "acc_stderr": mean_stderr(c["greedy"], scored),
+            "mean_logprob": mean,
+            "perplexity": math.exp(-mean) if mean is not None else None,  # lm-eval's: exp(-mean logprob)
+        }
+
+    def summary(self) -> dict:
+        f = self.figures()
+        return {k: rounded(f[k]) for k in ("acc", "acc_stderr", "mean_logprob", "perplexity")} | {
+            "greedy": f["greedy"],
+            "prompt_tokens": f["prompt_tokens"],
+            "continuation_tokens": f["continuation_tokens"],
+        }
+
+
+class PerplexityTally(Tally):
+    """A perplexity job's figures, weighted over every row as lm-eval aggregates them (a sum of
+    log-probs over a sum of words or bytes, not a mean of the rows' ratios)."""
+
+    COUNTS = ("samples", "errors", "tokens", "words", "bytes")
+    LOSSES = ("logprob",)
+
+    @staticmethod
+    def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
+        columns = {
+            "errors": pc.is_valid(table.column("error")),
+            "tokens": table.column("num_tokens"),
+            "words": table.column("num_words"),
+            "bytes": table.column("num_bytes"),
+        }
+        return {name: c.cast(pa.int64()) for name, c in columns.items()}
+
+    def figures(self) -> dict:
+        c, total = self.counts, self.losses["logprob"][0]
+
+        def per(n: int) -> float | None:
+            return math.exp(-total / n) if n else None
+
+        return c | {
+            "logprob": total,
+            "word_perplexity": per(c["words"]),
+            "byte_perplexity": per(c["bytes"]),
+            "bits_per_byte": -total / c["bytes"] / math.log(2) if c["bytes"] else None,
+            "token_perplexity": per(c["tokens"]),
+        }
+
+    def summary(self) -> dict:
+        f = self.figures()
+        keys = ("logprob", "word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
+        return {k: rounded(f[k]) for k in keys} | {"tokens": f["tokens"], "words": f["words"], "bytes": f["bytes"]}
+
+
+TALLIES = {"choice": ChoiceTally, "loglikelihood": LoglikelihoodTally, "perplexity": PerplexityTally}
+
+
+def tally_for(task: str) -> Tally:
+    return TALLIES.get(task, Tally)()
+
+
+def summarize(tally: Tally, num_rows: int, elapsed_s: float, extra: dict, task: str = "generate") -> dict:
     """The job's figures. Counts and rates are over output rows, i.e. (input row, sample) pairs."""
+    if task != "generate":
+        f = tally.figures()
+        return (
+            {"task": task, "rows": num_rows, "samples": f["samples"], "errors": f["errors"]}
+            | {"error_kinds": dict(sorted(tally.error_kinds.items()))}
+            | tally.summary()
+            | {
+                "elapsed_s": round(elapsed_s, 3),
+                "rows_per_s": round(num_rows / elapsed_s, 3) if elapsed_s > 0 else None,
+            }
+            | extra
+            | {"versions": versions()}
+        )
     f = tally.figures()
     return (
         {
@@ -185,7 +321,7 @@ def write_file_output(
     its summary JSON.
     The summary, made from the tally of what was written, goes into the file's key-value metadata
     at the end. Both files appear whole or not at all. Returns the summary."""
-    tally = Tally()
+    tally = tally_for(settings["scoring"].get("task", "generate"))
     summary: dict = {}
 
     def put(path: str) -> None:

@@ -20,11 +20,19 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.errors import InputError
-from bulkscore.jobs.gather import CONTRACT_COLUMNS
+from bulkscore.jobs.gather import ANSWER_INDEX, CONTRACT_COLUMNS
 from bulkscore.jobs.storage import Location, locate
 
 QUESTION_COLUMNS = ("question", "prompt", "input")
+# Where each task finds its question (a choice's or a continuation's context; perplexity's text).
+TASK_QUESTION_COLUMNS = {
+    "generate": QUESTION_COLUMNS,
+    "choice": ("question", "context", "query", *QUESTION_COLUMNS[1:]),
+    "loglikelihood": ("context", *QUESTION_COLUMNS),
+    "perplexity": ("text", *QUESTION_COLUMNS),
+}
 ANSWER_COLUMNS = ("answer", "reference", "target", "correct_answer")
+ANSWERED_TASKS = ("generate", "choice")  # the tasks that read an answer column
 ID_COLUMN = "id"
 ARRAY_COLUMNS = ("question", "answer", "reasoning")  # homework-style JSON rows
 JSON_BLOCK = 16 << 20  # pyarrow reads JSONL in blocks of this many bytes; a longer line falls back
@@ -52,6 +60,7 @@ class Columns:
     question: str | None = None
     answer: str | None = None
     id: str | None = None
+    task: str = "generate"  # which columns are looked for (TASK_QUESTION_COLUMNS, ANSWERED_TASKS)
 
 
 def bundled_questions() -> Path:
@@ -272,8 +281,11 @@ def load_file(path: Source, columns: Columns) -> dict:
     names = column_names(data)
     if not names:
         raise InputError(f"{path}: no rows")
-    question = pick_column(path, names, columns.question, QUESTION_COLUMNS, "question", "--question-column")
-    answer = pick_column(path, names, columns.answer, ANSWER_COLUMNS, "answer", "--answer-column")
+    candidates = TASK_QUESTION_COLUMNS[columns.task]
+    question = pick_column(path, names, columns.question, candidates, "question", "--question-column")
+    answer = None
+    if columns.task in ANSWERED_TASKS:
+        answer = pick_column(path, names, columns.answer, ANSWER_COLUMNS, "answer", "--answer-column")
     id_name = pick_column(path, names, columns.id, (ID_COLUMN,), "id", "--id-column")
     n = len(data) if isinstance(data, list) else data.num_rows
     others = [name for name in names if name not in (question, answer, id_name)]
@@ -283,7 +295,20 @@ def load_file(path: Source, columns: Columns) -> dict:
         "id": id_values(path, data, id_name) if id_name else None,
         "question": text_column(data, question),
         "reference": text_column(data, answer) if answer else pa.nulls(n, pa.string()),
+        "answer_index": integer_column(data, answer, n),
     }
+
+
+def integer_column(data: pa.Table | list[dict], name: str | None, n: int) -> pa.Array | pa.ChunkedArray:
+    """A column's values where it is typed as whole numbers (an answer given as a choice's index),
+    else nulls: the answer's text alone cannot tell the index 2 from the choice "2"."""
+    if name is not None and isinstance(data, pa.Table) and pa.types.is_integer(data.column(name).type):
+        return data.column(name).cast(pa.int64())
+    if name is not None and isinstance(data, list):
+        values = column_values(data, name)
+        if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+            return pa.array(values, pa.int64())
+    return pa.nulls(n, pa.int64())
 
 
 def id_values(path: Source, data: pa.Table | list[dict], name: str) -> pa.Array | pa.ChunkedArray:
@@ -320,7 +345,59 @@ def load_questions(paths: Sequence[Source | str], columns: Columns = Columns(), 
     )
     for name, column in zip(*other_table([p["others"] for p in parts], sources)):
         table = table.append_column(name, column)
+    if columns.task == "choice":
+        table = table.append_column(ANSWER_INDEX, pa.chunked_array([p["answer_index"] for p in parts], pa.int64()))
     return table.slice(0, limit) if limit is not None else table
+
+
+def task_columns(
+    questions: pa.Table, task: str, where: str, choices: str | None = None, continuation: str | None = None
+) -> dict[str, pa.ChunkedArray]:
+    """The columns a task's shards carry besides {row, question, reference} (workers.contract's
+    TASK_INPUTS), checked before any work: present, and of a type the task can read."""
+    if task == "choice":
+        return {
+            "choices": choices_column(questions, choices or "choices", where),
+            "answer_index": questions[ANSWER_INDEX],
+        }
+    if task == "loglikelihood":
+        name = continuation or "continuation"
+        column = task_column(questions, name, where, "--continuation-column", "the text scored after each context")
+        if not (
+            pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)
+        ):
+            raise InputError(
+                f"{where}: column {name!r} holds {column.type}, not text: each continuation must be a string"
+            )
+        return {"continuation": column.cast(pa.string())}
+    return {}
+
+
+def task_column(questions: pa.Table, name: str, where: str, option: str, what: str) -> pa.ChunkedArray:
+    if name not in questions.column_names:
+        raise InputError(
+            f"{where}: no column {name!r} ({what}; name it with {option}); columns: "
+            f"{', '.join(n for n in questions.column_names if n != ANSWER_INDEX)}"
+        )
+    return questions.column(name)
+
+
+def choices_column(questions: pa.Table, name: str, where: str) -> pa.ChunkedArray:
+    """The choice task's column: a list of strings per row (an empty or null list is that row's error)."""
+    column = task_column(questions, name, where, "--choices-column", "each row's list of choices")
+    kind = column.type
+    if pa.types.is_null(kind):
+        return column.cast(pa.list_(pa.string()))
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        raise InputError(f"{where}: column {name!r} holds {kind}, not lists: give each row a list of choices (strings)")
+    inner = kind.value_type
+    if not (pa.types.is_string(inner) or pa.types.is_large_string(inner) or pa.types.is_null(inner)):
+        bad = next(i for i, v in enumerate(column.to_pylist()) if v)
+        raise InputError(
+            f"{where}: column {name!r} holds lists of {inner}, not of text: every choice must be a string "
+            f"(row {bad}: {json.dumps(column[bad].as_py())[:80]})"
+        )
+    return column.cast(pa.list_(pa.string()))
 
 
 def other_table(tables: list[pa.Table], paths: Sequence[Source]) -> tuple[list[str], list[pa.ChunkedArray]]:

@@ -23,6 +23,7 @@ from bulkscore.jobs.gather import (
     shard_rows,
     summarize,
     summary_path,
+    tally_for,
     write_file_output,
     write_summary,
 )
@@ -31,7 +32,7 @@ from bulkscore.jobs.progress import announcer, progress_bar
 from bulkscore.jobs.schedule import Patience
 from bulkscore.jobs.settings import JobSpec, fingerprint
 from bulkscore.jobs.shards import Shard, plan_shards
-from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, check_result, shard_timings
+from bulkscore.workers.contract import ShardTask, check_result, input_schema, result_schema, shard_timings
 from bulkscore.workers.embedded import cache_root, embedded_gguf, is_prepared
 
 
@@ -56,17 +57,20 @@ class RunReport:
     table: pa.Table | None = None  # the rows, for a job with no output (held in memory)
 
 
-def shard_task(questions: pa.Table, index: int, start: int, stop: int) -> ShardTask:
+def shard_task(
+    questions: pa.Table, index: int, start: int, stop: int, task: str = "generate", extra: pa.Table | None = None
+) -> ShardTask:
+    """Input rows [start, stop) as the task's actor reads them; `extra`: the task's own columns
+    (questions.task_columns), row for row with `questions`."""
     rows = questions.slice(start, stop - start)
-    table = pa.table(
-        {
-            "row": pa.array(range(start, stop), pa.int64()),
-            "question": rows.column("question"),
-            "reference": rows.column("reference"),
-        },
-        schema=INPUT_SCHEMA,
-    )
-    return ShardTask(index=index, start=start, stop=stop, rows=table)
+    columns = {
+        "row": pa.array(range(start, stop), pa.int64()),
+        "question": rows.column("question"),
+        "reference": rows.column("reference"),
+    }
+    if extra is not None:
+        columns |= {name: column for name, column in zip(extra.column_names, extra.slice(start, stop - start).columns)}
+    return ShardTask(index=index, start=start, stop=stop, rows=pa.table(columns, schema=input_schema(task)))
 
 
 def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> dict | None:
@@ -88,8 +92,15 @@ def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> d
     return summary
 
 
-def run_job(spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callable[[str], None]) -> RunReport:
+def run_job(
+    spec: JobSpec,
+    questions: pa.Table,
+    options: RunOptions,
+    say: Callable[[str], None],
+    extra: pa.Table | None = None,
+) -> RunReport:
     """Score `questions` as `spec` says; with no spec.output, in memory (nothing is written).
+    `extra`: the task's own input columns (questions.task_columns).
 
     Finished shards are written as parts as they come; at the end they are gathered into OUTPUT one
     at a time (a folder output is its parts), so the output is never held whole."""
@@ -120,17 +131,18 @@ def run_job(spec: JobSpec, questions: pa.Table, options: RunOptions, say: Callab
         "dtype": None,
         "invariant": None,
     }
-    figures = score_on_ray(spec, questions, todo, store, options, say, started) if todo else idle
-    extra = {"model": spec.model_name, "adapter": spec.model.adapter, **figures, "fingerprint": job_fingerprint}
+    task = spec.scoring.task
+    figures = score_on_ray(spec, questions, todo, store, options, say, started, extra) if todo else idle
+    about = {"model": spec.model_name, "adapter": spec.model.adapter, **figures, "fingerprint": job_fingerprint}
 
     def summary_of(tally: Tally) -> dict:
-        return summarize(tally, questions.num_rows, time.perf_counter() - started, extra)
+        return summarize(tally, questions.num_rows, time.perf_counter() - started, about, task)
 
     if output is None:
         table = store.read(plan)
-        return RunReport(summary_of(Tally().add(table)), already_finished=False, table=table)
+        return RunReport(summary_of(tally_for(task).add(table)), already_finished=False, table=table)
     if folder:
-        tally = Tally()
+        tally = tally_for(task)
         for part in store.parts(plan):
             tally.add(part)
         summary = summary_of(tally)
@@ -150,8 +162,9 @@ def score_on_ray(
     options: RunOptions,
     say: Callable[[str], None],
     started: float,
+    extra: pa.Table | None = None,
 ) -> dict:
-    """Score the shards in `todo` into `store`.
+    """Score the shards in `todo` into `store` (`extra`: the task's own input columns).
 
     Returns how many workers ran, on how many nodes, how many died, and where the time went:
     startup_s (from `started` to the workers ready), and the actors' generate_s and loss_s summed;
@@ -159,7 +172,8 @@ def score_on_ray(
     """
     from bulkscore.jobs.schedule import run_shards, start_workers
 
-    samples = spec.scoring.generation.num_samples
+    samples, task = spec.scoring.generation.num_samples, spec.scoring.task
+    schema = result_schema(task)
     with ray_session(options.address) as where:
         from ray.exceptions import RayError  # only now: ray_session sets Ray's mode before its import
 
@@ -171,7 +185,8 @@ def score_on_ray(
         if spec.model.kind in ("embedded", "gguf") and not is_prepared(gguf):
             say(f"Converting {gguf.name} once into {cache_root()} (about 30 s)...")
         ready = time.perf_counter()
-        timings = {"startup_s": None, "generate_s": 0.0, "loss_s": 0.0}
+        model_time = ("generate_s", "loss_s") if task == "generate" else ("score_s",)
+        timings = {"startup_s": None} | dict.fromkeys(model_time, 0.0)
         shards = {s.index: s for s in todo}
         pieces: dict[int, list[pa.Table]] = defaultdict(list)
         total = questions.num_rows * samples
@@ -186,20 +201,22 @@ def score_on_ray(
                         f"({info['dtype']}, model loaded in {info['load_s']:.1f} s)"
                     )
 
-            def on_result(task: ShardTask, result: pa.Table) -> None:
+            def on_result(piece: ShardTask, result: pa.Table) -> None:
                 # A shard split after worker deaths comes back in pieces; write it when whole.
-                pieces[task.index].append(check_result(task, result, samples))
+                pieces[piece.index].append(check_result(piece, result, samples, schema))
                 for name, seconds in shard_timings(result).items():
-                    timings[name] = round(timings[name] + seconds, 3)
+                    if name in timings:
+                        timings[name] = round(timings[name] + seconds, 3)
                 bar.update(result.num_rows)
-                shard = shards[task.index]
-                if sum(p.num_rows for p in pieces[task.index]) == shard.rows * samples:
-                    whole = pa.concat_tables(pieces.pop(task.index)).sort_by(
+                shard = shards[piece.index]
+                if sum(p.num_rows for p in pieces[piece.index]) == shard.rows * samples:
+                    whole = pa.concat_tables(pieces.pop(piece.index)).sort_by(
                         [("row", "ascending"), ("sample", "ascending")]
                     )
-                    store.write(shard, shard_rows(questions, whole))
+                    store.write(shard, shard_rows(questions, whole, task))
 
-            tasks = (shard_task(questions, s.index, s.start, s.stop) for s in todo)  # drawn as workers free up
+            # drawn as workers free up
+            tasks = (shard_task(questions, s.index, s.start, s.stop, task, extra) for s in todo)
 
             def head_lost(gcs: str) -> None:
                 # From the watching thread: Ray would end the process in a minute with a C++ log line.
@@ -223,6 +240,7 @@ def score_on_ray(
                         patience=options.patience,
                         on_ready=on_ready,
                         room=RayRoom(pool, options.address),
+                        schema=schema,
                     )
             except RayError as error:  # the cluster itself failed (the head lost, the connection cut)
                 lines = str(error).strip().splitlines() or [type(error).__name__]

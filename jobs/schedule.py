@@ -25,7 +25,7 @@ import pyarrow as pa
 from bulkscore.jobs.cluster import PoolPlan, Room
 from bulkscore.jobs.errors import JobError
 from bulkscore.workers.actor import ShardScorer
-from bulkscore.workers.contract import ModelSpec, ScoringSettings, ShardTask, error_result
+from bulkscore.workers.contract import RESULT_SCHEMA, ModelSpec, ScoringSettings, ShardTask, error_result
 
 IN_FLIGHT_PER_WORKER = 2
 ROW_DEATHS = 3  # deaths while a single row ran alone before it is given up
@@ -88,9 +88,11 @@ def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) ->
     return lambda: scorer.remote(model, scoring)
 
 
-def after_death(work: Work, cause: str, alone: bool, num_samples: int) -> tuple[list[Work], pa.Table | None]:
+def after_death(
+    work: Work, cause: str, alone: bool, num_samples: int, schema: pa.Schema = RESULT_SCHEMA
+) -> tuple[list[Work], pa.Table | None]:
     """What to do with a piece whose worker died (or hung) running it: retry it alone, split it, or
-    give up on it (a single row, after ROW_DEATHS deaths alone)."""
+    give up on it (a single row, after ROW_DEATHS deaths alone: its result rows in `schema`)."""
     work.around += 1
     if not alone or not work.suspect:
         work.suspect = True
@@ -102,7 +104,7 @@ def after_death(work: Work, cause: str, alone: bool, num_samples: int) -> tuple[
         return [work], None
     what = what_happened(cause)
     message = f"worker {what}: {work.alone} workers {what} running this row alone, {work.around} in all (last: {cause})"
-    return [], error_result(work.task, num_samples, message)
+    return [], error_result(work.task, num_samples, message, schema)
 
 
 def what_happened(cause: str) -> str:
@@ -181,8 +183,10 @@ def run_shards(
     on_ready: Callable[[dict], None] = lambda info: None,
     room: Room | None = None,
     ray_api=None,
+    schema: pa.Schema = RESULT_SCHEMA,
 ) -> Outcome:
-    """Score every task on `workers` actors made by `start_one`, replaced as they die or hang.
+    """Score every task on `workers` actors made by `start_one`, replaced as they die or hang; a row
+    given up gets result rows in `schema` (the job's task's).
 
     `tasks` is drawn as workers free up, so it may be a generator over an input larger than memory.
     The driver's work per finished piece does not grow with the number of shards. `ray_api` stands
@@ -298,7 +302,7 @@ def run_shards(
                 f"A worker {what} running rows {task.start}-{task.stop - 1} of shard {task.index}; "
                 f"starting a replacement ({cause})"
             )
-            retry, given_up = after_death(blamed, cause, len(unfinished) == 1, num_samples)
+            retry, given_up = after_death(blamed, cause, len(unfinished) == 1, num_samples, schema)
             if given_up is not None:
                 on_result(blamed.task, given_up)
             # The others that ran beside it are suspects too (a culprit running second would

@@ -70,12 +70,14 @@ class ShardScorer:
 
     def score(self, task: ShardTask) -> pa.Table:
         from bulkscore.workers.scoring import score_shard
+        from bulkscore.workers.tasks import score_task_shard
 
         if self.lm is None:
             raise RuntimeError(f"this worker could not load the model: {self.load_error}")
         crash_if_asked(task)
         hang_if_asked(task, self.engine.model_thread)
-        return score_shard(self.lm, task, self.settings, self.engine)
+        scorer = score_shard if self.settings.task == "generate" else score_task_shard
+        return scorer(self.lm, task, self.settings, self.engine)
 
 
 @contextmanager

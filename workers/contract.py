@@ -58,6 +58,12 @@ class GradingSettings:
     answer_regex: str = DEFAULT_ANSWER_REGEX
 
 
+# What a job does with each row: generate an answer (and grade it), or score given text as
+# lm-evaluation-harness's request types do (multiple choice, one continuation, a whole text).
+TASKS = ("generate", "choice", "loglikelihood", "perplexity")
+LIKELIHOOD_TASKS = TASKS[1:]
+
+
 @dataclass(frozen=True)
 class ScoringSettings:
     """Everything an actor needs besides the model: fixed for the whole job."""
@@ -65,6 +71,8 @@ class ScoringSettings:
     prompt: PromptSettings
     generation: GenerationSettings
     grading: GradingSettings
+    task: str = "generate"  # one of TASKS
+    choice_delimiter: str = " "  # choice: between the context and each choice (lm-eval's target_delimiter)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,19 @@ class ShardTask:
 
 
 INPUT_SCHEMA = pa.schema([("row", pa.int64()), ("question", pa.string()), ("reference", pa.string())])
+# The columns each task adds to a shard's rows: choice's texts and its answer as an index where the
+# input gave one (else `reference` holds the answer's text); loglikelihood's continuation.
+TASK_INPUTS = {
+    "generate": [],
+    "choice": [("choices", pa.list_(pa.string())), ("answer_index", pa.int64())],
+    "loglikelihood": [("continuation", pa.string())],
+    "perplexity": [],
+}
+
+
+def input_schema(task: str) -> pa.Schema:
+    return pa.schema(list(INPUT_SCHEMA) + TASK_INPUTS[task])
+
 
 # What an actor returns for a shard: one row per (input row, sample), keyed by `row`.
 RESULT_SCHEMA = pa.schema(
@@ -109,6 +130,41 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
+# The likelihood tasks' result columns (after row and sample; each ends with error).
+LIKELIHOOD_RESULTS = {
+    "choice": [
+        ("choice_logprobs", pa.list_(pa.float64())),  # each choice's summed token log-probs
+        ("choice_num_tokens", pa.list_(pa.int32())),
+        ("choice_is_greedy", pa.list_(pa.bool_())),  # every token of the choice is the argmax
+        ("pred", pa.int32()),  # argmax of choice_logprobs
+        ("pred_norm", pa.int32()),  # argmax of choice_logprobs / each choice's length (lm-eval's acc_norm)
+        ("gold", pa.int32()),  # the right choice's index, where the row gives one
+        ("is_correct", pa.bool_()),
+        ("is_correct_norm", pa.bool_()),
+        ("num_prompt_tokens", pa.int32()),
+    ],
+    "loglikelihood": [
+        ("logprob", pa.float64()),
+        ("num_continuation_tokens", pa.int32()),
+        ("is_greedy", pa.bool_()),
+        ("num_prompt_tokens", pa.int32()),
+    ],
+    "perplexity": [
+        ("logprob", pa.float64()),  # the whole text's, over its rolling windows
+        ("num_tokens", pa.int32()),
+        ("num_words", pa.int64()),
+        ("num_bytes", pa.int64()),
+    ],
+}
+RESULT_SCHEMAS = {"generate": RESULT_SCHEMA} | {
+    task: pa.schema([("row", pa.int64()), ("sample", pa.int32()), *fields, ("error", pa.string())])
+    for task, fields in LIKELIHOOD_RESULTS.items()
+}
+
+
+def result_schema(task: str) -> pa.Schema:
+    return RESULT_SCHEMAS[task]
+
 
 # Key of a shard result's schema metadata: JSON {"generate_s", "loss_s"}, seconds the actor spent.
 TIMINGS_KEY = b"bulkscore.timings"
@@ -119,31 +175,34 @@ def shard_timings(result: pa.Table) -> dict[str, float]:
     return json.loads(raw) if raw else {}
 
 
-def error_result(task: ShardTask, num_samples: int, error: str) -> pa.Table:
+def error_result(task: ShardTask, num_samples: int, error: str, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
     """Result rows for a piece that could not be scored at all: every (row, sample) gets `error`."""
     n = task.size * num_samples
-    columns = {name: [None] * n for name in RESULT_SCHEMA.names}
+    columns = {name: [None] * n for name in schema.names}
     columns["row"] = [r for r in range(task.start, task.stop) for _ in range(num_samples)]
     columns["sample"] = [s for _ in range(task.start, task.stop) for s in range(num_samples)]
-    columns["num_prompt_tokens"] = columns["num_completion_tokens"] = [0] * n
-    columns["finish_reason"] = ["error"] * n
+    for name in ("num_prompt_tokens", "num_completion_tokens"):
+        if name in columns:
+            columns[name] = [0] * n
+    if "finish_reason" in columns:
+        columns["finish_reason"] = ["error"] * n
     columns["error"] = [error] * n
-    return pa.table(columns, schema=RESULT_SCHEMA)
+    return pa.table(columns, schema=schema)
 
 
 class ContractError(RuntimeError):
     """A shard result that breaks the row accounting: a row missing, repeated or out of range."""
 
 
-def check_result(task: ShardTask, result: pa.Table, num_samples: int) -> pa.Table:
-    """Refuse a result that does not hold each (row, sample) of the shard exactly once.
+def check_result(task: ShardTask, result: pa.Table, num_samples: int, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
+    """Refuse a result that does not hold each (row, sample) of the shard exactly once, in `schema`.
 
     Returns the result sorted by (row, sample).
     """
-    if result.schema != RESULT_SCHEMA:
+    if result.schema != schema:
         raise ContractError(
             f"shard {task.index}: result columns {result.schema.names} with types "
-            f"{[str(t) for t in result.schema.types]}; expected {RESULT_SCHEMA.names}"
+            f"{[str(t) for t in result.schema.types]}; expected {schema.names}"
         )
     result = result.sort_by([("row", "ascending"), ("sample", "ascending")])
     rows = result.column("row").to_pylist()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bulkscore.workers.contract import GenerationSettings
+from bulkscore.workers.likelihood import Continuations, Scored, score_continuations
 from bulkscore.workers.losses import project_prefill, span_nll
 from bulkscore.workers.models import LoadedModel
 from bulkscore.workers.tiles import (
@@ -425,6 +426,7 @@ class Decoder:
         self.fresh = {slot for slot, run in enumerate(self.slots) if run is not None}
 
 
+NO_SECONDS = {"generate_s": 0.0, "loss_s": 0.0, "score_s": 0.0}
 MERGES_KEPT = 1 << 16  # token pairs whose re-tokenization a decoder remembers (merged_tail)
 
 
@@ -461,7 +463,7 @@ class Engine:
         self.tokenizer = threading.RLock()  # the tokenizer is used by one thread at a time
         self.driving = False
         self.model_thread = thread or model_thread(torch.get_num_threads())
-        self.seconds = {"generate_s": 0.0, "loss_s": 0.0}  # model time, by kind, since take_seconds()
+        self.seconds = dict(NO_SECONDS)  # model time, by kind, since take_seconds()
         self.calls = 0  # decode rounds and scoring calls finished: progress, for the driver's hang check
 
     def generate(self, requests: Sequence[Request]) -> list[Generated]:
@@ -526,6 +528,20 @@ class Engine:
 
         return self.model_thread.submit(score).result()
 
+    def likelihood(self, requests: Sequence[Continuations]) -> list[list[Scored]]:
+        """workers.likelihood.score_continuations on this worker's model (on the model thread), as many
+        tile rows at once as --batch-size says."""
+
+        def score() -> list[list[Scored]]:
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    return score_continuations(self.lm, requests, self.settings.batch_size, self.tick)
+            finally:
+                self.seconds["score_s"] += time.perf_counter() - started
+
+        return self.model_thread.submit(score).result()
+
     def tick(self) -> None:
         """One more model call finished (on the model thread)."""
         self.calls += 1
@@ -534,7 +550,7 @@ class Engine:
         """The model time spent since the last call, by kind (on the model thread, between its tasks)."""
 
         def take() -> dict[str, float]:
-            taken, self.seconds = self.seconds, {"generate_s": 0.0, "loss_s": 0.0}
+            taken, self.seconds = self.seconds, dict(NO_SECONDS)
             return taken
 
         return self.model_thread.submit(take).result()
