@@ -376,8 +376,8 @@ def task_columns(
 def task_column(questions: pa.Table, name: str, where: str, option: str, what: str) -> pa.ChunkedArray:
     if name not in questions.column_names:
         raise InputError(
-            f"{where}: no column {name!r} ({what}; name it with {option}); columns: "
-            f"{', '.join(n for n in questions.column_names if n != ANSWER_INDEX)}"
+            f"{where}: no column {name!r} ({what}; name it with {option}); the columns besides the question, "
+            f"answer and id: {', '.join(n for n in questions.column_names[3:] if n != ANSWER_INDEX) or 'none'}"
         )
     return questions.column(name)
 

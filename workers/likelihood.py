@@ -103,7 +103,7 @@ class Group:
 
     def run(self, members: Sequence[int], tick: Callable[[], None]) -> None:
         waiting = deque(sorted(members, key=lambda i: (-self.requests[i].positions, i)))
-        while waiting or any(self.rows):
+        while waiting or any(self.rows) or any(self.queued.values()):
             self.fill(waiting)
             self.step()
             tick()

@@ -85,8 +85,8 @@ def encode_pairs(tokenizer, context: str, continuations: Sequence[str], chat: bo
 def check_length(request: Continuations, lm: LoadedModel) -> None:
     if request.positions > lm.context_length:
         raise RowError(
-            f"too long: context and continuation take {request.positions + 1} tokens; the model's "
-            f"context is {lm.context_length} tokens"
+            f"too long: the context and its longest continuation take {request.positions + 1} tokens; "
+            f"the model's context is {lm.context_length} tokens"
         )
 
 
