@@ -321,7 +321,7 @@ def write_file_output(
     its summary JSON.
     The summary, made from the tally of what was written, goes into the file's key-value metadata
     at the end. Both files appear whole or not at all. Returns the summary."""
-    tally = tally_for(settings["scoring"].get("task", "generate"))
+    tally = tally_for(settings.get("scoring", {}).get("task", "generate"))
     summary: dict = {}
 
     def put(path: str) -> None:

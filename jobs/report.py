@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.errors import InputError
-from bulkscore.jobs.gather import Tally, error_kind, read_finished
+from bulkscore.jobs.gather import Tally, error_kind, read_finished, tally_for
 from bulkscore.jobs.storage import Location
 
 DEFAULT_BY = "category"
@@ -35,6 +35,30 @@ NEEDED = (
     "num_completion_tokens",
     "error",
 )
+# What a likelihood task's page reads of its output.
+TASK_NEEDED = {
+    "choice": (
+        "id",
+        "question",
+        "choice_logprobs",
+        "pred",
+        "gold",
+        "is_correct",
+        "is_correct_norm",
+        "num_prompt_tokens",
+        "error",
+    ),
+    "loglikelihood": (
+        "id",
+        "question",
+        "logprob",
+        "is_greedy",
+        "num_prompt_tokens",
+        "num_continuation_tokens",
+        "error",
+    ),
+    "perplexity": ("id", "question", "logprob", "num_tokens", "num_words", "num_bytes", "error"),
+}
 TOP_ROWS = 10  # rows shown per run in the highest-loss and wrong-answer lists
 MAX_GROUPS = 40  # --by values shown; the rest are summed into one line
 BINS = 20
@@ -49,6 +73,7 @@ class Run:
     columns: list[str]
     settings: dict
     summary: dict  # as the job wrote it (elapsed time, throughput, model, versions)
+    task: str = "generate"
     tally: Tally = field(default_factory=Tally)
     groups: dict[str, Tally] = field(default_factory=dict)  # --by value -> its figures, first seen first
     losses: list[pa.Array] = field(default_factory=list)  # every non-null loss
@@ -60,14 +85,15 @@ class Run:
     def add(self, batch: pa.Table, by: str | None) -> None:
         self.tally.add(batch)
         if by is not None:
-            add_groups(self.groups, batch, by)
+            add_groups(self.groups, batch, by, self.task)
+        self.add_errors(batch)
+        if self.task != "generate":
+            self.losses.append(task_values(batch, self.task))
+            self.add_task_rows(batch)
+            return
         self.losses.append(batch.column("loss").drop_null().combine_chunks())
         ok = pc.is_null(batch.column("error"))
         self.tokens.append(batch.column("num_completion_tokens").filter(ok).combine_chunks())
-        for row in batch.filter(pc.invert(ok)).select(["id", "question", "error"]).to_pylist():
-            listed = self.error_rows.setdefault(error_kind(row["error"]), [])
-            if len(listed) < TOP_ROWS:
-                listed.append(row)
         scored = batch.filter(pc.is_valid(batch.column("loss"))).select(WORST_COLUMNS)
         # sort_by is stable and the rows seen so far come first: ties keep input order.
         both = scored if self.worst is None else pa.concat_tables([self.worst, scored])
@@ -76,7 +102,47 @@ class Run:
             wrong = batch.filter(pc.equal(pc.fill_null(batch.column("is_correct"), True), False))
             self.wrong += wrong.slice(0, TOP_ROWS - len(self.wrong)).select(WRONG_COLUMNS).to_pylist()
 
+    def add_errors(self, batch: pa.Table) -> None:
+        """The first TOP_ROWS rows of each error kind."""
+        for row in batch.filter(pc.is_valid(batch.column("error"))).select(["id", "question", "error"]).to_pylist():
+            listed = self.error_rows.setdefault(error_kind(row["error"]), [])
+            if len(listed) < TOP_ROWS:
+                listed.append(row)
 
+    def add_task_rows(self, batch: pa.Table) -> None:
+        """A likelihood task's rows to look at: choice's first wrong picks; the others' least likely rows."""
+        if self.task == "choice":
+            if len(self.wrong) < TOP_ROWS:
+                wrong = batch.filter(pc.equal(pc.fill_null(batch.column("is_correct"), True), False))
+                self.wrong += wrong.slice(0, TOP_ROWS - len(self.wrong)).select(CHOICE_WRONG_COLUMNS).to_pylist()
+            return
+        scored = batch.filter(pc.is_valid(batch.column("logprob"))).select(["id", "logprob", "question"])
+        both = scored if self.worst is None else pa.concat_tables([self.worst, scored])
+        self.worst = both.sort_by([("logprob", "ascending")]).slice(0, TOP_ROWS)
+
+
+def task_values(batch: pa.Table, task: str) -> pa.Array:
+    """What a task's histogram shows of each scored row: choice, the chosen choice's margin over the
+    next best (nats); loglikelihood, the continuation's log-prob; perplexity, the row's perplexity
+    per token."""
+    if task == "choice":
+        margins = []
+        for logprobs in batch.column("choice_logprobs").to_pylist():
+            if logprobs and len(logprobs) > 1:
+                best, second = sorted(logprobs, reverse=True)[:2]
+                margins.append(best - second)
+        return pa.array(margins, pa.float64())
+    logprob = batch.column("logprob")
+    if task == "loglikelihood":
+        return logprob.drop_null().combine_chunks()
+    scored = pc.is_valid(logprob)
+    per_token = pc.divide(
+        pc.negate(logprob.filter(scored)), batch.column("num_tokens").filter(scored).cast(pa.float64())
+    )
+    return pc.exp(per_token).combine_chunks()
+
+
+CHOICE_WRONG_COLUMNS = ["id", "question", "gold", "pred"]
 WORST_COLUMNS = ["id", "loss", "question", "reference", "completion"]
 WRONG_COLUMNS = ["id", "question", "reference", "answer_text", "completion"]
 BATCH_ROWS = 65_536
@@ -98,16 +164,21 @@ def open_run(location: Location, name: str) -> tuple[Run, list[pq.ParquetFile]]:
     if not files:
         raise InputError(f"{location}: no Parquet files in the folder")
     columns = files[0].schema_arrow.names
-    missing = [c for c in NEEDED if c not in columns]
+    settings, summary = read_finished(location) or ({}, {})
+    task = settings.get("scoring", {}).get("task", "generate")
+    missing = [c for c in needed(task) if c not in columns]
     if missing:
         raise InputError(f"{location}: not a bulkscore output (no {', '.join(missing)} column)")
-    settings, summary = read_finished(location) or ({}, {})
-    return Run(name, columns, settings, summary), files
+    return Run(name, columns, settings, summary, task, tally_for(task)), files
+
+
+def needed(task: str) -> tuple[str, ...]:
+    return TASK_NEEDED.get(task, NEEDED)
 
 
 def read_run(location: Location, by: str | None, files: list[pq.ParquetFile], run: Run) -> Run:
     """Stream the run's rows by record batches into `run`."""
-    wanted = list(NEEDED) + ([by] if by is not None and by not in NEEDED else [])
+    wanted = list(needed(run.task)) + ([by] if by is not None and by not in needed(run.task) else [])
     try:
         for file in files:
             for batch in file.iter_batches(BATCH_ROWS, columns=wanted):
@@ -279,19 +350,20 @@ def group_keys(column: pa.ChunkedArray) -> pa.Array:
     )
 
 
-def add_groups(groups: dict[str, Tally], batch: pa.Table, by: str) -> None:
+def add_groups(groups: dict[str, Tally], batch: pa.Table, by: str, task: str = "generate") -> None:
     """Each --by value's figures over this batch, added to `groups`: one Arrow group-by, however
     many values the column has."""
-    loss = batch.column("loss")
-    sums = Tally.per_row(batch) | {"loss_n": pc.is_valid(loss).cast(pa.int64())}
-    table = pa.table({"key": group_keys(batch.column(by)), "loss": loss, **sums})
+    kind = type(tally_for(task))
+    means = {"loss": batch.column("loss")} if task == "generate" else {n: batch.column(n) for n in kind.LOSSES}
+    sums = kind.per_row(batch) | {f"{n}_n": pc.is_valid(c).cast(pa.int64()) for n, c in means.items()}
+    table = pa.table({"key": group_keys(batch.column(by)), **means, **sums})
     found = table.group_by("key", use_threads=False).aggregate(
-        [("key", "count"), ("loss", "sum")] + [(name, "sum") for name in sums]
+        [("key", "count")] + [(name, "sum") for name in means] + [(name, "sum") for name in sums]
     )
     for row in found.to_pylist():
-        counts = {name: row[f"{name}_sum"] or 0 for name in sums if name != "loss_n"}
-        losses = {"loss": (row["loss_sum"] or 0.0, row["loss_n_sum"] or 0)}
-        groups.setdefault(row["key"], Tally()).merge(counts | {"samples": row["key_count"]}, losses)
+        counts = {name: row[f"{name}_sum"] or 0 for name in sums if name.removesuffix("_n") not in means}
+        losses = {n: (row[f"{n}_sum"] or 0.0, row[f"{n}_n_sum"] or 0) for n in means}
+        groups.setdefault(row["key"], kind()).merge(counts | {"samples": row["key_count"]}, losses)
 
 
 def most_common(groups: dict[str, Tally]) -> list[tuple[str, Tally]]:
@@ -333,6 +405,98 @@ def by_section(runs: Sequence[Run], by: str | None) -> str:
         f'<section id="by"><h2>Accuracy and answer rate by {esc(by)}</h2>'
         f'<table class="grid">{run_heads(runs, by)}{"".join(rows)}</table>{more}</section>'
     )
+
+
+# A likelihood task's figures on the page: (key, label, how it reads from Tally.figures()).
+TASK_FIGURES = {
+    "choice": [
+        (
+            "acc",
+            "acc",
+            lambda f: (
+                f"{number(f['acc'], 4)} ± {number(f['acc_stderr'], 4)} ({f['correct']:,} of {f['with_answer']:,})"
+            ),
+        ),
+        (
+            "acc_norm",
+            "acc_norm",
+            lambda f: f"{number(f['acc_norm'], 4)} ± {number(f['acc_norm_stderr'], 4)} ({f['correct_norm']:,})",
+        ),
+    ],
+    "loglikelihood": [
+        ("acc", "greedy (acc)", lambda f: f"{number(f['acc'], 4)} ± {number(f['acc_stderr'], 4)} ({f['greedy']:,})"),
+        ("perplexity", "perplexity", lambda f: number(f["perplexity"], 4)),
+    ],
+    "perplexity": [
+        ("word_perplexity", "word perplexity", lambda f: number(f["word_perplexity"], 4)),
+        ("byte_perplexity", "byte perplexity", lambda f: number(f["byte_perplexity"], 4)),
+        ("bits_per_byte", "bits per byte", lambda f: number(f["bits_per_byte"], 4)),
+    ],
+}
+TASK_CHART = {
+    "choice": "margin of the chosen choice over the next (nats)",
+    "loglikelihood": "continuation log-prob (nats)",
+    "perplexity": "perplexity per token, per row",
+}
+
+
+def task_summary_section(runs: Sequence[Run], task: str) -> str:
+    stats = [r.tally.figures() for r in runs]
+    lines = [
+        ("rows", "rows", [f"{f['samples']:,}" for f in stats]),
+        ("errors", "errors", [f"{f['errors']:,}" for f in stats]),
+        *[(key, label, [shown(f) for f in stats]) for key, label, shown in TASK_FIGURES[task]],
+        ("elapsed_s", "elapsed", [f"{number(r.summary.get('elapsed_s'), 1)} s" for r in runs]),
+        ("rows_per_s", "rows/s", [number(r.summary.get("rows_per_s"), 2) for r in runs]),
+        ("model", "model", [esc(r.summary.get("model") or r.settings.get("model", {}).get("source")) for r in runs]),
+    ]
+    body = "".join(
+        f"<tr><th>{label}</th>{''.join(f'<td data-metric={key!r} data-run={i}>{v}</td>' for i, v in enumerate(values))}</tr>"
+        for key, label, values in lines
+    )
+    return f'<section id="summary"><h2>Summary: {esc(task)}</h2><table class="grid">{run_heads(runs, "")}{body}</table></section>'
+
+
+def task_by_section(runs: Sequence[Run], by: str | None, task: str) -> str:
+    if by is None:
+        return ""
+    per_run = [{k: t.figures() for k, t in most_common(r.groups)} for r in runs]
+    values: list[str] = []
+    for groups in per_run:
+        values += [v for v in groups if v not in values]
+    rows = []
+    for value in sorted(values[:MAX_GROUPS]):
+        cells = []
+        for i, groups in enumerate(per_run):
+            f = groups.get(value)
+            figures = (
+                "–"
+                if f is None
+                else " · ".join(
+                    f'{label} <span data-metric="{key}">{shown(f)}</span>' for key, label, shown in TASK_FIGURES[task]
+                )
+                + f' · <span data-metric="rows">{f["samples"]:,}</span> rows'
+            )
+            cells.append(f'<td data-group="{esc(value)}" data-run={i}>{figures}</td>')
+        rows.append(f"<tr><th>{esc(value)}</th>{''.join(cells)}</tr>")
+    more = f"<p>{len(values) - MAX_GROUPS} more values not shown.</p>" if len(values) > MAX_GROUPS else ""
+    return (
+        f'<section id="by"><h2>{esc(task)} figures by {esc(by)}</h2>'
+        f'<table class="grid">{run_heads(runs, by)}{"".join(rows)}</table>{more}</section>'
+    )
+
+
+def task_rows_section(runs: Sequence[Run], task: str) -> str:
+    parts = []
+    for i, run in enumerate(runs):
+        if task == "choice":
+            listed = row_table(run.wrong, CHOICE_WRONG_COLUMNS) if run.wrong else "<p class=none>No wrong picks.</p>"
+            parts.append(f"<h3>{swatch(i)}{esc(run.name)}</h3><h4>Wrong picks (first {TOP_ROWS})</h4>{listed}")
+        else:
+            worst = run.worst.to_pylist() if run.worst is not None else []
+            listed = row_table(worst, ["id", "logprob", "question"]) if worst else "<p class=none>No rows scored.</p>"
+            parts.append(f"<h3>{swatch(i)}{esc(run.name)}</h3><h4>Least likely rows</h4>{listed}")
+    return f'<section id="rows"><h2>Rows to look at</h2>{"".join(parts)}</section>'
 
 
 def errors_section(runs: Sequence[Run]) -> str:
@@ -403,6 +567,24 @@ table.rows td.cell{word-break:break-all}
 
 def render_report(runs: Sequence[Run], by: str | None) -> str:
     title = "bulkscore report: " + ", ".join(r.name for r in runs)
+    task = runs[0].task
+    if task != "generate":
+        names = [r.name for r in runs]
+        legend = "".join(f"<span class=legend>{swatch(i)}{esc(n)}</span>" for i, n in enumerate(names))
+        chart = histogram([r.losses for r in runs], names, TASK_CHART[task], False)
+        return (
+            "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{esc(title)}</h1>"
+            + task_summary_section(runs, task)
+            + f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{chart}</div></section>'
+            + task_by_section(runs, by, task)
+            + errors_section(runs)
+            + task_rows_section(runs, task)
+            + settings_section(runs)
+            + "</body></html>\n"
+        )
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
@@ -425,6 +607,11 @@ def build_report(locations: Sequence[Location], by: str | None) -> tuple[str, st
     the memory of its losses and token counts (12 bytes a row) and a batch."""
     opened = [open_run(loc, name) for loc, name in zip(locations, run_names(locations))]
     runs = [run for run, _ in opened]
+    tasks = sorted({run.task for run in runs})
+    if len(tasks) > 1:
+        raise InputError(
+            f"these outputs are of different tasks ({', '.join(tasks)}); report the runs of one task together"
+        )
     if by is not None:
         missing = [str(loc) for loc, r in zip(locations, runs) if by not in r.columns]
         if missing:

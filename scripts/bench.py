@@ -19,6 +19,7 @@ every peer), at least one new token each (bulkscore's default --min-new-tokens):
              worktree` of an earlier commit), for a before/after table from one run
 Prints wall time, rows/s, generated tokens/s and each peer's time over bulkscore's (how many times
 faster bulkscore is). `make bench` runs it; on a machine with a GPU, the peers use it.
+`--task choice [--rows 300]`: multiple-choice scoring against lm-evaluation-harness (bench_choice.py).
 """
 
 from __future__ import annotations
@@ -262,6 +263,11 @@ def run_peers(args, folder: Path, env: dict, results: dict) -> None:
 
 
 def main() -> None:
+    if "--task" in sys.argv:  # `--task choice`: the likelihood bench against lm-eval (bench_choice.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_choice import main as bench_choice
+
+        return bench_choice()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=32)

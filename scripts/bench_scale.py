@@ -2,6 +2,7 @@
 
     python scripts/bench_scale.py                  # 10,000, 100,000 and 1,000,000 rows
     python scripts/bench_scale.py --rows 10000     # one size
+    python scripts/bench_scale.py --task perplexity --rows 100000   # each question scored as a text
 
 The model is built here: a 1-layer Llama of width 16 with a 512-word BPE tokenizer trained on the
 bundled questions, so the time is the tool's (driver, scheduling, Ray, the worker's per-row path),
@@ -95,7 +96,7 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_job(model: Path, questions: Path, output: Path, extra: list[str]) -> dict:
+def run_job(model: Path, questions: Path, output: Path, extra: list[str], task: str = "generate") -> dict:
     command = [
         sys.executable,
         "-c",
@@ -112,6 +113,8 @@ def run_job(model: Path, questions: Path, output: Path, extra: list[str]) -> dic
         "4",
         "--overwrite",
         "--quiet",
+        "--task",
+        task,
         *extra,
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="sizes to run (default 10^4, 10^5, 10^6)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bulkscore-scale")
     parser.add_argument("--shards", type=int, default=100_000, help="stand-in shards for the scheduler alone")
+    parser.add_argument("--task", default="generate", help="generate, or perplexity: each question scored as a text")
     parser.add_argument("run_args", nargs="*", help="more `bulkscore run` options, after --")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,7 @@ def main() -> None:
     results = []
     for rows in rows_list:
         questions = write_questions(args.work / f"questions-{rows}.jsonl", rows)
-        found = run_job(model, questions, args.work / f"answers-{rows}.parquet", args.run_args)
+        found = run_job(model, questions, args.work / f"{args.task}-{rows}.parquet", args.run_args, args.task)
         timings = found["summary"].get("timings") or {}
         results.append((rows, found, timings))
         print(
@@ -160,13 +164,17 @@ def main() -> None:
             flush=True,
         )
     scheduled = schedule_only(args.shards)
-    print(f"\nnear-zero model (1 layer, width 16, 512 words), raw prompts, 4 new tokens; {os.cpu_count()} CPUs")
-    print("| rows | wall s | rows/s | driver peak RSS MiB | driver CPU s | worker generate s | worker loss s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    what = "raw prompts, 4 new tokens" if args.task == "generate" else f"--task {args.task}"
+    print(f"\nnear-zero model (1 layer, width 16, 512 words), {what}; {os.cpu_count()} CPUs")
+    print(
+        "| rows | wall s | rows/s | driver peak RSS MiB | driver CPU s | worker generate s | worker loss s | worker score s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for rows, found, timings in results:
         print(
             f"| {rows:,} | {found['wall_s']:.1f} | {rows / found['wall_s']:,.0f} | {found['peak_rss_mib']:.0f} "
-            f"| {found['driver_cpu_s']:.1f} | {timings.get('generate_s', 0):.1f} | {timings.get('loss_s', 0):.1f} |"
+            f"| {found['driver_cpu_s']:.1f} | {timings.get('generate_s', 0):.1f} | {timings.get('loss_s', 0):.1f} "
+            f"| {timings.get('score_s', 0):.1f} |"
         )
     print(f"\nscheduler alone: {args.shards:,} shards on 8 stand-in actors in {scheduled:.2f} s of driver CPU")
 

@@ -324,8 +324,9 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(tiny_model, tmp_path
     summary's figures as lm-eval aggregates them; the same command again resumes."""
     rows = [
         {"id": f"q{i}", "question": f"Question {i}: pick", "choices": ["red", "blue dog", "a cat"], "answer": i % 3}
+        | {"category": "ab"[i % 2]}
         for i in range(7)
-    ] + [{"id": "bad", "question": "none", "choices": [], "answer": 0}]
+    ] + [{"id": "bad", "question": "none", "choices": [], "answer": 0, "category": "a"}]
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
     output = tmp_path / "mc.parquet"
     args = (path, "--task", "choice", "--model", tiny_model, "-o", output, "--shard-size", "3")
@@ -336,6 +337,7 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(tiny_model, tmp_path
     assert table.column_names == [
         "id", "sample", "question", "reference", "choice_logprobs", "choice_num_tokens", "choice_is_greedy",
         "pred", "pred_norm", "gold", "is_correct", "is_correct_norm", "num_prompt_tokens", "error", "choices",
+        "category",
     ]  # fmt: skip
     out = table.to_pylist()
     assert [r["id"] for r in out] == [r["id"] for r in rows]
@@ -348,6 +350,18 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(tiny_model, tmp_path
     assert summary["acc_stderr"] == pytest.approx(lm_eval_stderr(correct), abs=1e-6)
     assert summary["acc_norm_stderr"] == pytest.approx(lm_eval_stderr(normed), abs=1e-6)
     assert set(summary["timings"]) == {"startup_s", "score_s"} and summary["timings"]["score_s"] > 0
+    # the report: the summary's figures, acc per category, the margins' histogram
+    page = tmp_path / "mc.html"
+    shown = CliRunner().invoke(cli, ["report", str(output), "--by", "category", "-o", str(page)])
+    assert shown.exit_code == 0, shown.output
+    html = page.read_text()
+    assert f"data-metric='acc' data-run=0>{summary['acc']:.4f} ± {summary['acc_stderr']:.4f} (" in html
+    for group in "ab":
+        picked = [r["is_correct"] for r in out if r["category"] == group and r["is_correct"] is not None]
+        expected = f'data-group="{group}" data-run=0>acc <span data-metric="acc">{sum(picked) / len(picked):.4f}'
+        assert expected in html
+    assert 'data-histogram="margin of the chosen choice over the next (nats)"' in html
+    assert 'data-error-kind="bad row"' in html
     output.unlink()
     again = invoke(*args)
     assert again.exit_code == 0 and "Resuming: 3 of 3 shards already done" in again.stderr
@@ -377,3 +391,8 @@ def test_perplexity_job_aggregates_as_lm_eval(tiny_model, tmp_path):
     assert summary["bits_per_byte"] == pytest.approx(bits_per_byte(nbytes), rel=1e-6)
     assert summary["tokens"] == sum(r["num_tokens"] for r in scored)
     assert math.isfinite(summary["token_perplexity"])
+    shown = CliRunner().invoke(cli, ["report", str(output), "--by", "source"])
+    assert shown.exit_code == 0, shown.output
+    html = output.with_suffix(".html").read_text()
+    assert f"data-metric='word_perplexity' data-run=0>{summary['word_perplexity']:.4f}</td>" in html
+    assert 'data-histogram="perplexity per token, per row"' in html and 'data-group="1" data-run=0>' in html
