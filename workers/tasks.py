@@ -132,7 +132,6 @@ def prepare(lm: LoadedModel, rows: list[dict], settings: ScoringSettings) -> lis
             if task == "perplexity":
                 if not item.context:
                     raise RowError("empty text: nothing to score")
-                continue_with(item, lm, settings)
             else:
                 if item.context is None:
                     raise RowError("no context (the question column is empty)")
@@ -155,14 +154,14 @@ def prepare(lm: LoadedModel, rows: list[dict], settings: ScoringSettings) -> lis
         except RowError as error:
             item.error = f"bad row: {error}"
         out.append(item)
+    if task == "perplexity":
+        texts = [item for item in out if item.error is None]
+        for item, tokens in zip(texts, encode(lm.tokenizer, [item.context for item in texts], chat=False)):
+            if tokens:
+                item.windows = rolling_windows(tokens, prefix_token(lm.tokenizer), lm.context_length)
+            else:
+                item.error = "bad row: empty text: it has no tokens"
     return out
-
-
-def continue_with(item: Row, lm: LoadedModel, settings: ScoringSettings) -> None:
-    tokens = encode(lm.tokenizer, [item.context], chat=False)[0]
-    if not tokens:
-        raise RowError("empty text: it has no tokens")
-    item.windows = rolling_windows(tokens, prefix_token(lm.tokenizer), lm.context_length)
 
 
 def score_rows(engine: Engine, items: Sequence[Row]) -> None:
