@@ -8,7 +8,8 @@ reference), perplexity rows (each question, and texts of many questions joined).
 as jobs (`bulkscore.run`, a private Ray instance); lm-eval's Hugging Face backend (HFLM, the same
 model folder, batch size 32, no network) runs the same (context, continuation) requests. Printed per
 task: the largest |difference| of log-probs, how many pred, pred_norm and is_greedy differ, and both
-sides' acc / acc_norm / word perplexity. Model: the embedded SmolLM2-135M-Instruct (its converted
+sides' acc / acc_norm / word perplexity; with --self-check, lm-eval at batch 1 against itself at
+batch 32, for scale. Model: the embedded SmolLM2-135M-Instruct (its converted
 folder) unless --model. Needs `pip install lm-eval` (the bench extras).
 """
 
@@ -121,7 +122,7 @@ def model_folder(given: str | None) -> str:
     return str(prepare_gguf(embedded_gguf()))
 
 
-def compare(model: str, task: str, rows: list[dict], dtype: str) -> dict:
+def compare(model: str, task: str, rows: list[dict], dtype: str, self_check: bool = False) -> dict:
     import bulkscore
 
     started = time.perf_counter()
@@ -132,6 +133,9 @@ def compare(model: str, task: str, rows: list[dict], dtype: str) -> dict:
     theirs_s = time.perf_counter() - started
     table = ours.table.to_pylist()
     found = {"task": task, "rows": len(rows), "bulkscore_s": round(ours_s, 1), "lm_eval_s": round(theirs_s, 1)}
+    if self_check and task != "perplexity":
+        alone = run_harness(model, task, rows, 1, dtype)  # lm-eval against itself: batch 1 vs 32
+        found["lm_eval_batch_1_vs_32_max_abs_diff"] = max(abs(a[0] - b[0]) for a, b in zip(alone, theirs))
     if task == "choice":
         expected = harness_choice_figures(rows, theirs)
         diffs = [abs(a - b) for r, e in zip(table, expected) for a, b in zip(r["choice_logprobs"], e["logprobs"])]
@@ -168,13 +172,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tasks", default="choice,loglikelihood,perplexity", type=lambda s: s.split(","))
+    parser.add_argument("--self-check", action="store_true", help="also lm-eval at batch 1 against itself at 32")
     args = parser.parse_args()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     model = model_folder(args.model)
     rows = lm_eval_rows(args.rows)
     print(f"model {model}, {args.dtype}, lm-eval HFLM batch 32; {os.cpu_count()} CPUs", flush=True)
     for task in args.tasks:
-        print(json.dumps(compare(model, task, rows[task], args.dtype)), flush=True)
+        print(json.dumps(compare(model, task, rows[task], args.dtype, args.self_check)), flush=True)
 
 
 if __name__ == "__main__":

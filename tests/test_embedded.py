@@ -133,3 +133,30 @@ def test_the_embedded_model_gives_the_same_bits_whatever_the_batch_shard_or_work
     for column in ("completion", "num_completion_tokens", "loss", "completion_loss", "reference_loss"):
         assert ta[column] == tb[column], column
     assert json.loads(b.with_suffix(".summary.json").read_text())["dtype"] == dtype
+
+
+def test_a_choice_job_with_the_embedded_model(tmp_path, embedded_folder):
+    """`bulkscore run mc.jsonl --task choice -o out.parquet`, as the likelihood issue asks: the task's
+    columns and summary; the real model knows the capital of France."""
+    rows = [
+        {"question": "The capital of France is", "choices": ["Paris", "London", "Berlin", "Madrid"], "answer": 0},
+        {"question": "One kilogram is", "choices": ["1000 grams", "10 grams"], "answer": "1000 grams"},
+        {"question": "Water freezes at", "choices": ["0 degrees Celsius", "100 degrees Celsius"], "answer": 0},
+        {"question": "An empty row", "choices": [], "answer": 0},
+    ]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out.parquet"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [str(Path(sys.executable).parent / "bulkscore"), "run", str(path), "--task", "choice", "-o", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "rows       4 (1 errors)" and lines[1].startswith("acc        ")
+    table = pq.read_table(output).to_pylist()
+    assert table[0]["pred"] == 0 and table[0]["choice_is_greedy"][0] and table[0]["is_correct"]
+    assert [r["gold"] for r in table] == [0, 0, 0, None] and table[3]["error"] == "bad row: no choices"
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert summary["task"] == "choice" and summary["with_answer"] == 3
+    assert summary["acc"] == pytest.approx(sum(r["is_correct"] for r in table[:3]) / 3, abs=1e-6)
+    assert {"acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(summary)

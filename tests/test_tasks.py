@@ -319,9 +319,10 @@ def lm_eval_stderr(values: list[float]) -> float:
 
 
 @pytest.mark.usefixtures("ray_instance")
-def test_choice_job_writes_its_columns_and_lm_evals_summary(tiny_model, tmp_path):
+def test_choice_job_writes_its_columns_and_lm_evals_summary(lm, tiny_model, tmp_path):
     """The job end to end, shards of 3 over two workers: every row once, the task's columns, the
-    summary's figures as lm-eval aggregates them; the same command again resumes."""
+    numbers bitwise those of the rows scored in this process, the summary's figures as lm-eval
+    aggregates them, the report; the same command again resumes."""
     rows = [
         {"id": f"q{i}", "question": f"Question {i}: pick", "choices": ["red", "blue dog", "a cat"], "answer": i % 3}
         | {"category": "ab"[i % 2]}
@@ -329,7 +330,7 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(tiny_model, tmp_path
     ] + [{"id": "bad", "question": "none", "choices": [], "answer": 0, "category": "a"}]
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
     output = tmp_path / "mc.parquet"
-    args = (path, "--task", "choice", "--model", tiny_model, "-o", output, "--shard-size", "3")
+    args = (path, "--task", "choice", "--model", tiny_model, "-o", output, "--shard-size", "3", "--dtype", "float32")
     result = invoke(*args, "--workers", "2", "--cpus-per-worker", "1", "--keep-parts", "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == "rows       8 (1 errors)"
@@ -342,6 +343,9 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(tiny_model, tmp_path
     out = table.to_pylist()
     assert [r["id"] for r in out] == [r["id"] for r in rows]
     assert out[-1]["error"] == "bad row: no choices" and out[0]["gold"] == 0
+    here = score(lm, "choice", rows)
+    for column in RESULTS["choice"]:
+        assert [r[column] for r in out] == [r[column] for r in here], column
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     correct = [float(r["is_correct"]) for r in out[:-1]]
     normed = [float(r["is_correct_norm"]) for r in out[:-1]]
@@ -394,5 +398,5 @@ def test_perplexity_job_aggregates_as_lm_eval(tiny_model, tmp_path):
     shown = CliRunner().invoke(cli, ["report", str(output), "--by", "source"])
     assert shown.exit_code == 0, shown.output
     html = output.with_suffix(".html").read_text()
-    assert f"data-metric='word_perplexity' data-run=0>{summary['word_perplexity']:.4f}</td>" in html
+    assert f"data-metric='word_perplexity' data-run=0>{summary['word_perplexity']:,.4f}</td>" in html
     assert 'data-histogram="perplexity per token, per row"' in html and 'data-group="1" data-run=0>' in html

@@ -1,15 +1,17 @@
 """Log-likelihood of continuations after a context, on fixed-shape tiles (tiles.py says why).
 
 A request is a context and its continuations (a multiple-choice question: one per choice; a
-loglikelihood row or a perplexity window: one). Its context is prefilled once, in one tile row:
+loglikelihood row or a perplexity window: one). Its context is prefilled once, in one tile row,
+followed in that row by its first continuation of more than one token:
   - every continuation's first token is scored from the logits after the context's last token;
-  - its later tokens are fed in a row that holds the context's keys and values: the context's own
-    row, in place, once its previous continuation is done, or a free row that copies them (positions
-    0..n-1, one copy per layer for all rows that start in a call).
+  - another continuation's later tokens are fed in a row that holds the context's keys and values:
+    the context's own row, in place, once its previous continuation is done, or a free row that
+    copies them (positions 0..n-1, one copy per layer for all rows that start in a call).
 So k choices cost one context and k short continuations, not k contexts (lm-eval recomputes the
-context for each choice). Each row's chunks are cut by its own lengths (the context's from its
-end, then each continuation's from its end), so a continuation's numbers are the same whichever row,
-neighbours or batch it ran in, and whether its row copied the context or continued in place.
+context for each choice). Each row's chunks are cut by its own lengths (the context and first
+continuation together from their end; each other continuation from its end), so a continuation's
+numbers are the same whichever row, neighbours or batch it ran in, and whether its row copied the
+context or continued in place.
 """
 
 from __future__ import annotations
@@ -63,29 +65,34 @@ class Tally:
 
 @dataclass
 class Stream:
-    """What one tile row is fed: pieces of tokens, and each fed token's target."""
+    """What one tile row is fed: its tokens in pieces cut from their end, each token's target, and
+    which of them score what. A context's row feeds the context and then its first continuation of
+    more than one token (all but that one's last token); another continuation's row feeds that
+    continuation (all but its last) after a copy of the context."""
 
     request: int
-    pieces: list[tuple[Sequence[int], int]]  # (tokens, first position), cut by the row's own lengths
+    pieces: list[tuple[Sequence[int], int]]  # (tokens, first position)
     targets: list[Sequence[int]]  # each piece's fed tokens' next ones (0 where nothing is scored)
-    context_pieces: int  # the first this many pieces are the context's (0 for a continuation's row)
-    continuation: int | None  # whose tokens the pieces after the context's score
-    fed: int = 0
+    context_end: int | None  # which fed token is the context's last (its logits score first tokens)
+    continuation: int | None  # whose tokens the targets from `scored_from` on are
+    scored_from: int = 0  # the first fed token whose target is scored
+    fed: int = 0  # pieces fed
+    done: int = 0  # tokens fed
 
-    @property
-    def scoring(self) -> bool:
-        """This call's piece scores a continuation's tokens."""
-        return self.continuation is not None and self.fed >= self.context_pieces
+    def columns(self, width: int) -> tuple[int | None, int | None]:
+        """Where this call's piece holds the context's last token, and the first column it scores
+        (None for either where it has none): pieces sit in the last columns of a call."""
+        end = self.done + len(self.pieces[self.fed][0])
+        last = None
+        if self.context_end is not None and self.done <= self.context_end < end:
+            last = width - (end - self.context_end)
+        first = max(self.done, self.scored_from)
+        scores = self.continuation is not None and first < end
+        return last, width - (end - first) if scores else None
 
-    @property
-    def ends_context(self) -> bool:
-        """This call's piece holds the context's last token (in the last column: pieces are right-aligned)."""
-        return self.fed == self.context_pieces - 1
 
-
-def continuation_pieces(tokens: Sequence[int], start: int, width: int) -> tuple[list, list]:
-    """A continuation's fed tokens (all but its last) from position `start`, and their targets."""
-    return chunks(tokens[:-1], start, width), [piece for piece, _ in chunks(tokens[1:], 0, width)]
+def stream(request: int, fed: Sequence[int], targets: Sequence[int], start: int, width: int, **where) -> Stream:
+    return Stream(request, chunks(fed, start, width), [p for p, _ in chunks(targets, 0, width)], **where)
 
 
 class Group:
@@ -131,77 +138,92 @@ class Group:
 
     def context_stream(self, index: int, row: int) -> Stream:
         """The request's context into `row`, then its first continuation of more than one token."""
-        request, width = self.requests[index], self.tile.width
+        request = self.requests[index]
+        context, n = request.context, len(request.context)
         self.tallies[index] = [Tally() for _ in request.continuations]
-        pieces = chunks(request.context, 0, width)
-        targets = [[0] * len(piece) for piece, _ in pieces]
         longer = deque(j for j, c in enumerate(request.continuations) if len(c) > 1)
         own = longer.popleft() if longer else None
-        if own is not None:
-            more, more_targets = continuation_pieces(request.continuations[own], len(request.context), width)
-            pieces, targets = pieces + more, targets + more_targets
         self.owner[row], self.later[row] = index, longer
-        return Stream(index, pieces, targets, context_pieces=len(chunks(request.context, 0, width)), continuation=own)
+        tail = request.continuations[own] if own is not None else (0,)
+        fed, targets = context + tail[:-1], (0,) * n + tail[1:]
+        return stream(index, fed, targets, 0, self.tile.width, context_end=n - 1, continuation=own, scored_from=n)
 
     def continuation_stream(self, source: int) -> Stream:
         """The next queued continuation of the request whose context row `source` holds."""
         j = self.queued[source].popleft()
         index = self.owner[source]
         request = self.requests[index]
-        pieces, targets = continuation_pieces(request.continuations[j], len(request.context), self.tile.width)
-        return Stream(index, pieces, targets, context_pieces=0, continuation=j)
+        tokens = request.continuations[j]
+        return stream(
+            index, tokens[:-1], tokens[1:], len(request.context), self.tile.width, context_end=None, continuation=j
+        )
 
     def step(self) -> None:
         """One call: each row's next piece; the first tokens of the contexts that end here and the
         continuation tokens fed here are scored."""
         rows, width = self.rows, self.tile.width
         feeds = [run.pieces[run.fed] if run else None for run in rows]
-        ending = [row for row, run in enumerate(rows) if run and run.ends_context]
-        scoring = [row for row, run in enumerate(rows) if run and run.scoring]
+        columns = [run.columns(width) if run else (None, None) for run in rows]
+        ending = {row: last for row, (last, _) in enumerate(columns) if last is not None}
+        scoring = {row: first for row, (_, first) in enumerate(columns) if first is not None}
         targets = right_aligned([run and run.targets[run.fed] for run in rows], self.tile.rows, width, 0)[0]
-        firsts, nll, greedy = tile_scores(self.lm, self.tile, feeds, bool(ending), targets if scoring else None)
+        last_at = [ending.get(row, width - 1) for row in range(self.tile.rows)]
+        firsts, nll, greedy = tile_scores(
+            self.lm, self.tile, feeds, last_at if ending else None, targets if scoring else None
+        )
         if ending:
-            self.score_firsts(ending, firsts)
-        for row in scoring:
-            run, n = rows[row], len(feeds[row][0])
-            tally = self.tallies[run.request][run.continuation]
-            for value, top in zip(nll[row, width - n :].tolist(), greedy[row, width - n :].tolist()):
-                tally.add(-value, top)
+            self.score_firsts(list(ending), firsts)
+        if scoring:
+            nll, greedy = nll.tolist(), greedy.tolist()  # [R][W]: one copy out for the whole call
+            for row, first in scoring.items():
+                run = rows[row]
+                tally = self.tallies[run.request][run.continuation]
+                for value, top in zip(nll[row][first:], greedy[row][first:]):
+                    tally.add(-value, top)
         for row, run in enumerate(rows):
             if run is not None:
+                run.done += len(feeds[row][0])
                 run.fed += 1
                 if run.fed == len(run.pieces):
                     rows[row] = None
 
     def score_firsts(self, ending: Sequence[int], logprobs: torch.Tensor) -> None:
         """Every continuation's first token, from the logits after its context's last ([R, V] log-probs)."""
-        at = torch.tensor(ending)
-        best = logprobs[at].argmax(dim=-1).tolist()
-        for row, top in zip(ending, best):
+        best = logprobs[torch.tensor(ending)].argmax(dim=-1).tolist()
+        at, tokens = [], []
+        for row in ending:
             index = self.rows[row].request
             self.queued[row] = self.later.pop(row)  # its keys and values are in from this call on
             firsts = [c[0] for c in self.requests[index].continuations]
-            values = logprobs[row, firsts].tolist()
-            for tally, token, value in zip(self.tallies[index], firsts, values):
-                tally.add(value, token == top)
+            at += [row] * len(firsts)
+            tokens += firsts
+        values = iter(logprobs[torch.tensor(at), torch.tensor(tokens)].tolist())
+        for row, top in zip(ending, best):
+            index = self.rows[row].request
+            for tally, continuation in zip(self.tallies[index], self.requests[index].continuations):
+                tally.add(next(values), continuation[0] == top)
 
     def results(self, index: int) -> list[Scored]:
         return [Scored(t.logprob, t.greedy, t.tokens) for t in self.tallies.pop(index)]
 
 
 def tile_scores(
-    lm: LoadedModel, tile: Tile, feeds: Sequence, firsts: bool, targets: torch.Tensor | None
+    lm: LoadedModel, tile: Tile, feeds: Sequence, last_at: Sequence[int] | None, targets: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One call of the tile: log-probs after each row's last column ([R, V] float32, if `firsts`), and
-    given `targets` ([R, W]) each place's NLL and whether its target is the argmax ([R, W] each).
-    Every product has the tile's shape whichever rows ask for it."""
+    """One call of the tile: log-probs after each row's column last_at[r] ([R, V] float32; None
+    without last_at), and given `targets` ([R, W]) each place's NLL and whether its target is the
+    argmax ([R, W] each). Every product has the tile's shape whichever rows ask for it."""
+    rows = torch.arange(tile.rows)
     if not fusable(lm):
         logits = tile.forward(feeds, last_only=False)  # [R, W, V]
-        last = torch.log_softmax(logits[:, -1], dim=-1) if firsts else None
+        last = torch.log_softmax(logits[rows, torch.tensor(last_at)], dim=-1) if last_at else None
         return (last, *log_softmax_scores(logits, targets)) if targets is not None else (last, None, None)
     hidden = tile.hidden(feeds)  # [R, W, H]
     head = lm.model.get_output_embeddings()
-    last = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1) if firsts else None  # [R, V]
+    last = None
+    if last_at:
+        picked = hidden[rows.to(hidden.device), torch.tensor(last_at, device=hidden.device)]  # [R, H]
+        last = torch.log_softmax(head(picked).float(), dim=-1)  # [R, V]
     if targets is None:
         return last, None, None
     if scores_in_chunks(lm):
