@@ -754,9 +754,9 @@ def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeyp
 
     threads = []
 
-    def load(spec):
+    def load(spec, *args):
         threads.append(threading.current_thread())
-        return models_load(spec)
+        return models_load(spec, *args)
 
     models_load = models.load_model
     monkeypatch.setattr(models, "load_model", load)
@@ -778,11 +778,11 @@ def test_a_worker_loads_with_the_cycle_collector_paused_and_leaves_it_on(tiny_mo
 
     collecting = []
 
-    def load(spec):
+    def load(spec, *args):
         collecting.append(gc.isenabled())
         if spec.source == "missing":
             raise FileNotFoundError("no such model")
-        return models_load(spec)
+        return models_load(spec, *args)
 
     models_load = models.load_model
     monkeypatch.setattr(models, "load_model", load)

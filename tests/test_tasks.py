@@ -37,12 +37,13 @@ WORDS = "the a cat dog sat on mat red blue Paris France is of in kg gram 42 7 an
 
 @pytest.fixture(scope="module")
 def lm(tiny_model):
-    return load_model(ModelSpec(str(tiny_model), "folder", dtype="float32", device="cpu"))
+    """Loaded as a likelihood job's worker loads it (float32 on torch's own kernels)."""
+    return load_model(ModelSpec(str(tiny_model), "folder", dtype="float32", device="cpu"), plain_float32=True)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def any_lm(request, tiny_model):
-    return load_model(ModelSpec(str(tiny_model), "folder", dtype=request.param, device="cpu"))
+    return load_model(ModelSpec(str(tiny_model), "folder", dtype=request.param, device="cpu"), plain_float32=True)
 
 
 def greedy_choice(lm, context: str) -> str | None:
@@ -400,3 +401,19 @@ def test_perplexity_job_aggregates_as_lm_eval(tiny_model, tmp_path):
     html = output.with_suffix(".html").read_text()
     assert f"data-metric='word_perplexity' data-run=0>{summary['word_perplexity']:,.4f}</td>" in html
     assert 'data-histogram="perplexity per token, per row"' in html and 'data-group="1" data-run=0>' in html
+
+
+def test_a_likelihood_worker_keeps_float32_on_torchs_own_kernels(tiny_model, monkeypatch):
+    """A likelihood job's float32 products are transformers' own (MKL), not oneDNN's packed ones
+    that generate uses: on SmolLM2 that halves the distance to lm-eval's log-probs."""
+    from bulkscore.workers.actor import ShardScorer
+    from bulkscore.workers.models import PackedLinear, packs_weights
+
+    monkeypatch.setattr(ShardScorer, "where", lambda self: {})  # Ray's context would start a Ray instance
+    spec = ModelSpec(str(tiny_model), "folder", dtype="float32", device="cpu", threads=1)
+    packed = {}
+    for task in ("generate", "choice"):
+        scorer = ShardScorer(spec, scoring(task))
+        assert "error" not in scorer.load()
+        packed[task] = any(isinstance(m, PackedLinear) for m in scorer.lm.model.modules())
+    assert packed == {"generate": packs_weights(torch.device("cpu"), torch.float32), "choice": False}
