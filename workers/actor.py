@@ -61,7 +61,7 @@ class ShardScorer:
         from bulkscore.workers.scoring import shard_engine
 
         thread = model_thread(self.spec.threads or torch.get_num_threads())  # torch runs on it alone
-        plain = self.settings.task != "generate"  # the likelihood tasks: float32 as lm-eval computes it
+        plain = self.settings.task != "generate"  # the likelihood tasks: float32 log-probs as lm-eval's
         lm = thread.submit(load_model, self.spec, plain).result()
         self.lm, self.engine = lm, shard_engine(lm, self.settings, thread)
 

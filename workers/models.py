@@ -154,13 +154,14 @@ def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
 X86_MACHINES = frozenset({"x86_64", "amd64"})
 
 
-def pack_weights(model: torch.nn.Module, keep_head: bool) -> None:
+def pack_weights(model: torch.nn.Module, keep_head: bool, pack_head: bool = True) -> None:
     """Swap every nn.Linear of the model for a PackedLinear (packs_weights says where that pays);
-    `keep_head`: the output layer keeps its plain weight too (losses.fused_nll reads it)."""
+    `keep_head`: the output layer keeps its plain weight too (losses.fused_nll reads it); not
+    `pack_head`: the output layer stays as it is."""
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
+            if type(child) is torch.nn.Linear and (pack_head or child is not head):
                 setattr(parent, name, PackedLinear(child, keep_weight=keep_head and child is head))
     release_freed_memory()
 
@@ -192,12 +193,13 @@ def tile_scale(model: torch.nn.Module) -> int:
     return scale
 
 
-def load_model(spec: ModelSpec, plain_float32: bool = False) -> LoadedModel:
-    """`plain_float32`: float32 products stay on torch's own kernels (MKL, as transformers runs them)
-    instead of oneDNN's packed ones, for the likelihood tasks: there, agreeing with lm-evaluation-
-    harness's numbers matters more than the packed products' ~20%. Measured on SmolLM2-135M, 60
-    4-choice rows: the largest difference from lm-eval's log-probs 1.0e-4 packed, 4.2e-5 plain
-    (lm-eval against itself at batch 1 and 32: 2.7e-5)."""
+def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel:
+    """`plain_float32_head`: in float32, the output layer's product stays on torch's own kernel (MKL,
+    as transformers and lm-evaluation-harness run it) while the other layers are packed: the
+    likelihood tasks' log-probs then agree with lm-eval's. Measured on SmolLM2-135M, 60 4-choice
+    rows, largest difference from lm-eval's log-probs: 1.0e-4 all packed, 6.0e-5 with the head
+    plain (4.2e-5 with nothing packed, at twice the time: MKL's strict mode is slow on the layers'
+    shapes; lm-eval against itself at batch 1 and 32: 2.7e-5); the time was the same or less."""
     pin_kernels()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,8 +216,9 @@ def load_model(spec: ModelSpec, plain_float32: bool = False) -> LoadedModel:
     model = model.to(device).eval()
     use_tile_attention(model)
     scale = tile_scale(model)  # from its parameters, before packing hides them
-    if packs_weights(device, dtype) and not (plain_float32 and dtype == torch.float32):
-        pack_weights(model, keep_head=dtype != torch.float32)
+    if packs_weights(device, dtype):
+        plain_head = plain_float32_head and dtype == torch.float32
+        pack_weights(model, keep_head=dtype != torch.float32, pack_head=not plain_head)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
