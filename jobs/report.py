@@ -371,13 +371,19 @@ def most_common(groups: dict[str, Tally]) -> list[tuple[str, Tally]]:
     return sorted(groups.items(), key=lambda item: -item[1].counts["samples"])
 
 
-def by_section(runs: Sequence[Run], by: str | None) -> str:
-    if by is None:
-        return ""
+def group_figures(runs: Sequence[Run]) -> tuple[list[dict[str, dict]], list[str]]:
+    """Each run's figures per --by value, and the values, most rows first across the runs."""
     per_run = [{k: t.figures() for k, t in most_common(r.groups)} for r in runs]
     values: list[str] = []
     for groups in per_run:
         values += [v for v in groups if v not in values]
+    return per_run, values
+
+
+def by_section(runs: Sequence[Run], by: str | None) -> str:
+    if by is None:
+        return ""
+    per_run, values = group_figures(runs)
     shown = sorted(values[:MAX_GROUPS])
     rows = []
     for value in shown:
@@ -460,10 +466,7 @@ def task_summary_section(runs: Sequence[Run], task: str) -> str:
 def task_by_section(runs: Sequence[Run], by: str | None, task: str) -> str:
     if by is None:
         return ""
-    per_run = [{k: t.figures() for k, t in most_common(r.groups)} for r in runs]
-    values: list[str] = []
-    for groups in per_run:
-        values += [v for v in groups if v not in values]
+    per_run, values = group_figures(runs)
     rows = []
     for value in sorted(values[:MAX_GROUPS]):
         cells = []
