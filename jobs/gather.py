@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.storage import Location
-from bulkscore.workers.contract import RESULT_SCHEMAS, result_schema
+from bulkscore.workers.contract import result_schema
 
 SETTINGS_KEY = b"bulkscore.settings"
 SUMMARY_KEY = b"bulkscore.summary"
@@ -28,13 +28,15 @@ def output_schema(questions: pa.Schema, task: str = "generate") -> pa.Schema:
     if task in ("generate", "choice"):
         head.append(pa.field("reference", pa.string()))
     contract = head + [f for f in result if f.name not in ("row", "sample")]
-    return pa.schema(contract + [f for f in questions if f.name not in CONTRACT_COLUMNS | {ANSWER_INDEX}])
+    return pa.schema(contract + [f for f in questions if f.name not in contract_columns(task) | {ANSWER_INDEX}])
 
 
-# Names the output's own columns take in some task: an input column so named gets `input_`.
-CONTRACT_COLUMNS = frozenset(
-    ["id", "question", "reference"] + [name for schema in RESULT_SCHEMAS.values() for name in schema.names]
-) - {"row"}
+def contract_columns(task: str = "generate") -> frozenset[str]:
+    """The names of the task's own output columns: an input column so named gets `input_`."""
+    return frozenset(["id", "question", "reference"] + result_schema(task).names) - {"row"}
+
+
+CONTRACT_COLUMNS = contract_columns()  # generate's
 
 
 def summary_path(output: Location) -> Location:

@@ -20,7 +20,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.errors import InputError
-from bulkscore.jobs.gather import ANSWER_INDEX, CONTRACT_COLUMNS
+from bulkscore.jobs.gather import ANSWER_INDEX, contract_columns
 from bulkscore.jobs.storage import Location, locate
 
 QUESTION_COLUMNS = ("question", "prompt", "input")
@@ -295,19 +295,22 @@ def load_file(path: Source, columns: Columns) -> dict:
         "id": id_values(path, data, id_name) if id_name else None,
         "question": text_column(data, question),
         "reference": text_column(data, answer) if answer else pa.nulls(n, pa.string()),
-        "answer_index": integer_column(data, answer, n),
+        "answer_index": integer_column(data, answer, n) if columns.task == "choice" else None,
     }
 
 
 def integer_column(data: pa.Table | list[dict], name: str | None, n: int) -> pa.Array | pa.ChunkedArray:
     """A column's values where it is typed as whole numbers (an answer given as a choice's index),
     else nulls: the answer's text alone cannot tell the index 2 from the choice "2"."""
-    if name is not None and isinstance(data, pa.Table) and pa.types.is_integer(data.column(name).type):
-        return data.column(name).cast(pa.int64())
-    if name is not None and isinstance(data, list):
-        values = column_values(data, name)
-        if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
-            return pa.array(values, pa.int64())
+    try:
+        if name is not None and isinstance(data, pa.Table) and pa.types.is_integer(data.column(name).type):
+            return data.column(name).cast(pa.int64())
+        if name is not None and isinstance(data, list):
+            values = column_values(data, name)
+            if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+                return pa.array(values, pa.int64())
+    except (OverflowError, pa.ArrowInvalid):  # beyond int64: no choice's index; the text is matched
+        pass
     return pa.nulls(n, pa.int64())
 
 
@@ -343,7 +346,7 @@ def load_questions(paths: Sequence[Source | str], columns: Columns = Columns(), 
             "reference": pa.chunked_array([p["reference"] for p in parts], pa.string()),
         }
     )
-    for name, column in zip(*other_table([p["others"] for p in parts], sources)):
+    for name, column in zip(*other_table([p["others"] for p in parts], sources, columns.task)):
         table = table.append_column(name, column)
     if columns.task == "choice":
         table = table.append_column(ANSWER_INDEX, pa.chunked_array([p["answer_index"] for p in parts], pa.int64()))
@@ -392,16 +395,18 @@ def choices_column(questions: pa.Table, name: str, where: str) -> pa.ChunkedArra
         raise InputError(f"{where}: column {name!r} holds {kind}, not lists: give each row a list of choices (strings)")
     inner = kind.value_type
     if not (pa.types.is_string(inner) or pa.types.is_large_string(inner) or pa.types.is_null(inner)):
-        bad = next(i for i, v in enumerate(column.to_pylist()) if v)
+        bad = next((i for i, v in enumerate(column.to_pylist()) if v), None)
+        example = "" if bad is None else f" (row {bad}: {json.dumps(column[bad].as_py())[:80]})"
         raise InputError(
-            f"{where}: column {name!r} holds lists of {inner}, not of text: every choice must be a string "
-            f"(row {bad}: {json.dumps(column[bad].as_py())[:80]})"
+            f"{where}: column {name!r} holds lists of {inner}, not of text: every choice must be a string{example}"
         )
     return column.cast(pa.list_(pa.string()))
 
 
-def other_table(tables: list[pa.Table], paths: Sequence[Source]) -> tuple[list[str], list[pa.ChunkedArray]]:
-    """The inputs' other columns stacked, and their output names: a name the output contract uses
+def other_table(
+    tables: list[pa.Table], paths: Sequence[Source], task: str = "generate"
+) -> tuple[list[str], list[pa.ChunkedArray]]:
+    """The inputs' other columns stacked, and their output names: a name the task's output uses
     for its own columns gets an `input_` prefix."""
     try:
         stacked = pa.concat_tables(tables, promote_options="permissive")
@@ -410,8 +415,9 @@ def other_table(tables: list[pa.Table], paths: Sequence[Source]) -> tuple[list[s
             f"{', '.join(map(str, paths))}: a column has different types in different inputs ({error})"
         ) from None
     names: list[str] = []
+    own = contract_columns(task)
     for name in stacked.column_names:
-        while name in CONTRACT_COLUMNS or name in names:
+        while name in own or name in names:
             name = "input_" + name
         names.append(name)
     return names, stacked.columns

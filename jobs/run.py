@@ -105,7 +105,10 @@ def run_job(
     Finished shards are written as parts as they come; at the end they are gathered into OUTPUT one
     at a time (a folder output is its parts), so the output is never held whole."""
     started = time.perf_counter()
-    job_fingerprint = fingerprint(spec, questions)
+    hashed = questions
+    for name, column in zip(extra.column_names, extra.columns) if extra is not None else ():
+        hashed = hashed.append_column(f"__task.{name}", column)  # a resume reads the same choices
+    job_fingerprint = fingerprint(spec, hashed)
     output = spec.output
     folder = output is not None and is_folder(output)
     if output is not None:

@@ -31,7 +31,7 @@ class JobSpec:
         return {
             "inputs": list(self.inputs),
             "model": asdict(self.model) | {"threads": None},
-            "scoring": asdict(self.scoring),
+            "scoring": scoring_settings(self.scoring),
             "shard_size": self.shard_size,
             "limit": self.limit,
         }
@@ -39,6 +39,15 @@ class JobSpec:
     @property
     def model_name(self) -> str:
         return EMBEDDED_NAME if self.model.kind == "embedded" else self.model.source
+
+
+def scoring_settings(scoring: ScoringSettings) -> dict:
+    """The scoring settings as data; generate's without the other tasks' fields, so that its
+    fingerprint, and so the resume of an output from before the tasks, is what it was."""
+    data = asdict(scoring)
+    if scoring.task == "generate":
+        del data["task"], data["choice_delimiter"]
+    return data
 
 
 def resolve_model(text: str | None) -> tuple[str, str]:

@@ -326,9 +326,9 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(lm, tiny_model, tmp_
     aggregates them, the report; the same command again resumes."""
     rows = [
         {"id": f"q{i}", "question": f"Question {i}: pick", "choices": ["red", "blue dog", "a cat"], "answer": i % 3}
-        | {"category": "ab"[i % 2]}
+        | {"category": "ab"[i % 2], "others": ["x", "y", "z"]}
         for i in range(7)
-    ] + [{"id": "bad", "question": "none", "choices": [], "answer": 0, "category": "a"}]
+    ] + [{"id": "bad", "question": "none", "choices": [], "answer": 0, "category": "a", "others": []}]
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
     output = tmp_path / "mc.parquet"
     args = (path, "--task", "choice", "--model", tiny_model, "-o", output, "--shard-size", "3", "--dtype", "float32")
@@ -339,7 +339,7 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(lm, tiny_model, tmp_
     assert table.column_names == [
         "id", "sample", "question", "reference", "choice_logprobs", "choice_num_tokens", "choice_is_greedy",
         "pred", "pred_norm", "gold", "is_correct", "is_correct_norm", "num_prompt_tokens", "error", "choices",
-        "category",
+        "category", "others",
     ]  # fmt: skip
     out = table.to_pylist()
     assert [r["id"] for r in out] == [r["id"] for r in rows]
@@ -367,6 +367,9 @@ def test_choice_job_writes_its_columns_and_lm_evals_summary(lm, tiny_model, tmp_
         assert expected in html
     assert 'data-histogram="margin of the chosen choice over the next (nats)"' in html
     assert 'data-error-kind="bad row"' in html
+    # the choices read are part of the job: another column is another job
+    other = invoke(*args, "--choices-column", "others", "--quiet")
+    assert other.exit_code == 1 and "holds the results of a different job" in other.stderr
     output.unlink()
     again = invoke(*args)
     assert again.exit_code == 0 and "Resuming: 3 of 3 shards already done" in again.stderr
@@ -423,3 +426,48 @@ def test_a_likelihood_worker_keeps_its_float32_output_layer_on_torchs_own_kernel
             isinstance(model.model.layers[0].mlp.up_proj, PackedLinear),
         )
     assert packed == {"generate": (packs, packs), "choice": (False, packs)}
+
+
+def test_an_empty_context_is_lm_evals_prefix_token(lm, harness):
+    """An empty context: the prefix token; a continuation that starts with that token itself: its
+    first token is the context (lm-eval's loglikelihood)."""
+    bos = lm.tokenizer.decode(1)
+    pairs = [("", " the cat sat"), ("", bos + "the cat sat on")]
+    ours = score(lm, "loglikelihood", [{"question": c, "continuation": t} for c, t in pairs])
+    theirs = harness.loglikelihood(requests("loglikelihood", pairs))
+    for result, (ll, greedy) in zip(ours, theirs):
+        assert result["error"] is None and result["logprob"] == pytest.approx(ll, abs=1e-4)
+        assert result["is_greedy"] == greedy and result["num_prompt_tokens"] == 1
+
+
+def test_input_columns_are_renamed_only_where_the_tasks_own_columns_clash(tmp_path):
+    """A generate job's `gold` or `logprob` column passes through as it is; a choice job's `gold`,
+    its own column's name, becomes `input_gold`. An answer too large for an index is matched as text."""
+    from bulkscore.jobs.questions import Columns, InMemory, load_questions
+
+    row = {"question": "q", "answer": 2**70, "gold": 1, "logprob": 0.5, "choices": ["a"]}
+    plain = load_questions([write_jsonl(tmp_path / "q.jsonl", [row])])
+    assert plain.column_names[3:] == ["gold", "logprob", "choices"]
+    picked = load_questions([InMemory("the rows given", [row])], Columns(task="choice"))
+    assert picked.column_names[3:] == ["input_gold", "logprob", "choices", "__answer_index"]
+    assert picked.column("__answer_index").to_pylist() == [None]
+    assert picked.column("reference").to_pylist() == [str(2**70)]
+
+
+def test_choices_of_another_type_are_refused_even_when_every_list_is_empty(tmp_path):
+    path = tmp_path / "mc.parquet"
+    pq.write_table(pa.table({"question": ["q"], "choices": pa.array([[]], pa.list_(pa.int64()))}), path)
+    result = invoke(path, "--task", "choice", "-o", tmp_path / "out.parquet")
+    assert result.exit_code == 1, result.output
+    assert "column 'choices' holds lists of int64, not of text: every choice must be a string" in result.stderr
+
+
+def test_generate_jobs_keep_their_settings_and_fingerprint(tmp_path):
+    """The tasks' settings are absent from a generate job's, so an output from before them resumes."""
+    from bulkscore.jobs.settings import JobSpec, scoring_settings
+
+    generate, choice = scoring("generate"), scoring("choice")
+    assert "task" not in scoring_settings(generate) and "choice_delimiter" not in scoring_settings(generate)
+    assert scoring_settings(choice)["task"] == "choice" and scoring_settings(choice)["choice_delimiter"] == " "
+    spec = JobSpec(("x",), None, ModelSpec("m", "folder"), generate, None, None)
+    assert set(spec.settings()["scoring"]) == {"prompt", "generation", "grading"}

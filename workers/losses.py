@@ -49,12 +49,12 @@ def fused_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     """NLL of each target token given its hidden state, without ever holding [tokens x vocabulary]
     logits (fused_scores). hidden: [..., H] in the model's dtype; weight: [V, H]; targets: [...].
     Returns float32 [...]."""
-    return fused_scores(hidden, weight, targets)[0]
+    return fused_scores(hidden, weight, targets, argmax=False)[0]
 
 
 def fused_scores(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, argmax: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each target's NLL given its hidden state, and whether it is the argmax (the first of the
     largest logits), without ever holding [tokens x vocabulary] logits: the vocabulary is projected
     VOCAB_CHUNK entries at a time, each chunk's log-sum-exp folded into a running one in float32,
@@ -62,7 +62,7 @@ def fused_scores(
     technique of Liger's fused linear cross-entropy and Cut Cross-Entropy).
 
     hidden: [..., H] in the model's dtype; weight: [V, H]; targets: [...]. Returns float32 [...] and
-    bool [...]."""
+    bool [...] (None without `argmax`)."""
     flat, wanted = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
     total = torch.full(wanted.shape, -float("inf"), dtype=torch.float32, device=hidden.device)
     picked = torch.zeros(wanted.shape, dtype=torch.float32, device=hidden.device)
@@ -74,11 +74,13 @@ def fused_scores(
         inside = (wanted >= start) & (wanted < start + logits.shape[1])
         at = (wanted - start).clamp(0, logits.shape[1] - 1)[:, None]
         picked = torch.where(inside, logits.gather(1, at)[:, 0], picked)
+        if not argmax:
+            continue
         top = logits.argmax(dim=-1)  # [N]: the first largest of the chunk
         value = logits.gather(1, top[:, None])[:, 0]
         better = value > best  # an equal logit in a later chunk is not the first
         best, best_at = torch.where(better, value, best), torch.where(better, top + start, best_at)
-    return (total - picked).view(targets.shape), (best_at == wanted).view(targets.shape)
+    return (total - picked).view(targets.shape), (best_at == wanted).view(targets.shape) if argmax else None
 
 
 def project_prefill(

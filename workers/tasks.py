@@ -3,9 +3,9 @@
 Tokenization follows lm-evaluation-harness's Hugging Face backend (HFLM), so that the numbers are
 comparable with its: a context's trailing spaces move to the continuation; the continuation's
 tokens are those of context + continuation after the context's own tokens; an empty context is the
-tokenizer's prefix token (BOS, else EOS); a raw text gets the tokenizer's own special tokens unless
-it starts with the prefix token's text (a chat prompt writes its special tokens as text, so gets
-none); a text is scored in lm-eval's rolling windows of the model's context.
+tokenizer's prefix token (BOS, else EOS); a text gets the tokenizer's own special tokens unless it
+starts with the prefix token's text (as a chat template writes it); a text is scored in lm-eval's
+rolling windows of the model's context.
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ def prefix_token(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def encode(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int]]:
-    """lm-eval's tok_encode for each text, in as few tokenizer calls as can be."""
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """lm-eval's tok_encode for each text (a chat prompt's included: its template writes the BOS
+    text, where it has one), in as few tokenizer calls as can be."""
     if not texts:
         return []
-    if chat:
-        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     bos = tokenizer.decode(prefix_token(tokenizer))
     plain = [i for i, t in enumerate(texts) if not (bos and t.startswith(bos))]
     out: list[list[int] | None] = [None] * len(texts)
@@ -59,20 +58,13 @@ def split_spaces(context: str, continuation: str) -> tuple[str, str]:
     return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
 
 
-def encode_pairs(tokenizer, context: str, continuations: Sequence[str], chat: bool) -> Continuations:
+def encode_pairs(tokenizer, context: str, continuations: Sequence[str]) -> Continuations:
     """One context's tokens and each continuation's, as lm-eval's loglikelihood encodes them."""
     if context == "":
-        ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
-        prefix = prefix_token(tokenizer)
-        if any(not c for c in ids):
-            raise RowError(f"continuation {next(j for j, c in enumerate(ids) if not c)} has no tokens")
-        if any(c[0] == prefix for c in ids):
-            # lm-eval would take that token itself as the context, request by request
-            raise RowError("an empty context before a continuation that starts with the prefix token")
-        return Continuations((prefix,), tuple(map(tuple, ids)))
+        return empty_context(tokenizer, continuations)
     # The same spaces move whatever the continuation: one context for all.
     pairs = [split_spaces(context, c) for c in continuations]
-    context_ids, *wholes = encode(tokenizer, [pairs[0][0]] + [c + rest for c, rest in pairs], chat)
+    context_ids, *wholes = encode(tokenizer, [pairs[0][0]] + [c + rest for c, rest in pairs])
     if not context_ids:
         raise RowError("the context has no tokens")
     tails = [tuple(whole[len(context_ids) :]) for whole in wholes]
@@ -80,6 +72,21 @@ def encode_pairs(tokenizer, context: str, continuations: Sequence[str], chat: bo
         if not tail:
             raise RowError(f"continuation {j} has no tokens")
     return Continuations(tuple(context_ids), tuple(tails))
+
+
+def empty_context(tokenizer, continuations: Sequence[str]) -> Continuations:
+    """lm-eval's empty context: the prefix token, or, for continuations that start with that token
+    themselves, their first token (then every continuation must, to share one context)."""
+    ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    if any(not c for c in ids):
+        raise RowError(f"continuation {next(j for j, c in enumerate(ids) if not c)} has no tokens")
+    prefix = prefix_token(tokenizer)
+    starts = {c[0] == prefix for c in ids}
+    if starts == {False}:
+        return Continuations((prefix,), tuple(map(tuple, ids)))
+    if starts == {True} and all(len(c) > 1 for c in ids):
+        return Continuations((prefix,), tuple(tuple(c[1:]) for c in ids))
+    raise RowError("an empty context before choices of which only some start with the prefix token (or are only it)")
 
 
 def check_length(request: Continuations, lm: LoadedModel) -> None:
@@ -124,7 +131,7 @@ def resolve_gold(choices: Sequence[str], index: int | None, text: str | None) ->
 
 def prepare(lm: LoadedModel, rows: list[dict], settings: ScoringSettings) -> list[Row]:
     """Each row's request, lm-eval's tokenization; a row at fault gets its error instead."""
-    task, chat = settings.task, settings.prompt.format != "raw"
+    task, chat = settings.task, settings.prompt.format != "raw"  # chat: the context in its template
     out = []
     for r in rows:
         item = Row(r["row"], r["question"])
@@ -149,14 +156,14 @@ def prepare(lm: LoadedModel, rows: list[dict], settings: ScoringSettings) -> lis
                     if not r["continuation"]:
                         raise RowError("no continuation")
                     texts = [r["continuation"]]
-                item.request = encode_pairs(lm.tokenizer, context, texts, chat)
+                item.request = encode_pairs(lm.tokenizer, context, texts)
                 check_length(item.request, lm)
         except RowError as error:
             item.error = f"bad row: {error}"
         out.append(item)
     if task == "perplexity":
         texts = [item for item in out if item.error is None]
-        for item, tokens in zip(texts, encode(lm.tokenizer, [item.context for item in texts], chat=False)):
+        for item, tokens in zip(texts, encode(lm.tokenizer, [item.context for item in texts])):
             if tokens:
                 item.windows = rolling_windows(tokens, prefix_token(lm.tokenizer), lm.context_length)
             else:
