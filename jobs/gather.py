@@ -146,21 +146,41 @@ def mean_stderr(hits: int, n: int) -> float | None:
     return math.sqrt((hits - hits * hits / n) / (n - 1) / n)
 
 
-class ChoiceTally(Tally):
+def as_counts(columns: dict[str, pa.ChunkedArray]) -> dict[str, pa.ChunkedArray]:
+    """Flags and token counts as the int64 columns Tally.add sums."""
+    return {name: column.cast(pa.int64()) for name, column in columns.items()}
+
+
+class LikelihoodTally(Tally):
+    """A likelihood task's tally: its summary is SUMMARY's figures, in that order, floats rounded."""
+
+    SUMMARY: tuple[str, ...] = ()
+
+    def summary(self) -> dict:
+        f = self.figures()
+        return {k: rounded(f[k]) if isinstance(f[k], float) else f[k] for k in self.SUMMARY}
+
+
+class ChoiceTally(LikelihoodTally):
     """A choice job's figures: accuracy by the summed log-probs and by those per character."""
 
     COUNTS = ("samples", "errors", "with_answer", "correct", "correct_norm", "prompt_tokens")
     LOSSES = ()
+    SUMMARY = (
+        "with_answer", "correct", "correct_norm", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "prompt_tokens",
+    )  # fmt: skip
 
     @staticmethod
     def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
-        flags = {
-            "errors": pc.is_valid(table.column("error")),
-            "with_answer": pc.is_valid(table.column("is_correct")),
-            "correct": pc.fill_null(table.column("is_correct"), False),
-            "correct_norm": pc.fill_null(table.column("is_correct_norm"), False),
-        }
-        return {name: c.cast(pa.int64()) for name, c in (flags | {"prompt_tokens": table["num_prompt_tokens"]}).items()}
+        return as_counts(
+            {
+                "errors": pc.is_valid(table.column("error")),
+                "with_answer": pc.is_valid(table.column("is_correct")),
+                "correct": pc.fill_null(table.column("is_correct"), False),
+                "correct_norm": pc.fill_null(table.column("is_correct_norm"), False),
+                "prompt_tokens": table.column("num_prompt_tokens"),
+            }
+        )
 
     def figures(self) -> dict:
         c, n = self.counts, self.counts["with_answer"]
@@ -171,29 +191,24 @@ class ChoiceTally(Tally):
             "acc_norm_stderr": mean_stderr(c["correct_norm"], n),
         }
 
-    def summary(self) -> dict:
-        f = self.figures()
-        keys = ("with_answer", "correct", "correct_norm", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-        return {k: rounded(f[k]) if isinstance(f[k], float) else f[k] for k in keys} | {
-            "prompt_tokens": f["prompt_tokens"]
-        }
 
-
-class LoglikelihoodTally(Tally):
+class LoglikelihoodTally(LikelihoodTally):
     """A loglikelihood job's figures: how often the continuation is the greedy one, and its log-probs."""
 
     COUNTS = ("samples", "errors", "greedy", "prompt_tokens", "continuation_tokens")
     LOSSES = ("logprob",)
+    SUMMARY = ("acc", "acc_stderr", "mean_logprob", "perplexity", "greedy", "prompt_tokens", "continuation_tokens")
 
     @staticmethod
     def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
-        columns = {
-            "errors": pc.is_valid(table.column("error")),
-            "greedy": pc.fill_null(table.column("is_greedy"), False),
-            "prompt_tokens": table.column("num_prompt_tokens"),
-            "continuation_tokens": table.column("num_continuation_tokens"),
-        }
-        return {name: c.cast(pa.int64()) for name, c in columns.items()}
+        return as_counts(
+            {
+                "errors": pc.is_valid(table.column("error")),
+                "greedy": pc.fill_null(table.column("is_greedy"), False),
+                "prompt_tokens": table.column("num_prompt_tokens"),
+                "continuation_tokens": table.column("num_continuation_tokens"),
+            }
+        )
 
     def figures(self) -> dict:
         c, scored = self.counts, self.losses["logprob"][1]
@@ -205,31 +220,27 @@ class LoglikelihoodTally(Tally):
             "perplexity": math.exp(-mean) if mean is not None else None,  # lm-eval's: exp(-mean logprob)
         }
 
-    def summary(self) -> dict:
-        f = self.figures()
-        return {k: rounded(f[k]) for k in ("acc", "acc_stderr", "mean_logprob", "perplexity")} | {
-            "greedy": f["greedy"],
-            "prompt_tokens": f["prompt_tokens"],
-            "continuation_tokens": f["continuation_tokens"],
-        }
 
-
-class PerplexityTally(Tally):
+class PerplexityTally(LikelihoodTally):
     """A perplexity job's figures, weighted over every row as lm-eval aggregates them (a sum of
     log-probs over a sum of words or bytes, not a mean of the rows' ratios)."""
 
     COUNTS = ("samples", "errors", "tokens", "words", "bytes")
     LOSSES = ("logprob",)
+    SUMMARY = (
+        "logprob", "word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity", "tokens", "words", "bytes",
+    )  # fmt: skip
 
     @staticmethod
     def per_row(table: pa.Table) -> dict[str, pa.ChunkedArray]:
-        columns = {
-            "errors": pc.is_valid(table.column("error")),
-            "tokens": table.column("num_tokens"),
-            "words": table.column("num_words"),
-            "bytes": table.column("num_bytes"),
-        }
-        return {name: c.cast(pa.int64()) for name, c in columns.items()}
+        return as_counts(
+            {
+                "errors": pc.is_valid(table.column("error")),
+                "tokens": table.column("num_tokens"),
+                "words": table.column("num_words"),
+                "bytes": table.column("num_bytes"),
+            }
+        )
 
     def figures(self) -> dict:
         c, total = self.counts, self.losses["logprob"][0]
@@ -244,11 +255,6 @@ class PerplexityTally(Tally):
             "bits_per_byte": -total / c["bytes"] / math.log(2) if c["bytes"] else None,
             "token_perplexity": per(c["tokens"]),
         }
-
-    def summary(self) -> dict:
-        f = self.figures()
-        keys = ("logprob", "word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
-        return {k: rounded(f[k]) for k in keys} | {"tokens": f["tokens"], "words": f["words"], "bytes": f["bytes"]}
 
 
 TALLIES = {"choice": ChoiceTally, "loglikelihood": LoglikelihoodTally, "perplexity": PerplexityTally}

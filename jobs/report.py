@@ -235,11 +235,16 @@ def summary_section(runs: Sequence[Run]) -> str:
         ("model", "model", [esc(r.summary.get("model") or r.settings.get("model", {}).get("source")) for r in runs]),
         ("adapter", "adapter", [esc(r.summary.get("adapter")) or "–" for r in runs]),
     ]
+    return figures_section(runs, "Summary", lines)
+
+
+def figures_section(runs: Sequence[Run], heading: str, lines: Sequence[tuple[str, str, list[str]]]) -> str:
+    """The summary table: a line per (metric key, label, each run's value)."""
     body = "".join(
         f"<tr><th>{label}</th>{''.join(f'<td data-metric={key!r} data-run={i}>{v}</td>' for i, v in enumerate(values))}</tr>"
         for key, label, values in lines
     )
-    return f'<section id="summary"><h2>Summary</h2><table class="grid">{run_heads(runs, "")}{body}</table></section>'
+    return f'<section id="summary"><h2>{heading}</h2><table class="grid">{run_heads(runs, "")}{body}</table></section>'
 
 
 def flat(settings: dict, prefix: str = "") -> dict[str, str]:
@@ -332,10 +337,17 @@ def charts_section(runs: Sequence[Run]) -> str:
     names = [r.name for r in runs]
     loss = histogram([r.losses for r in runs], names, "loss (nats)", False)
     tokens = histogram([r.tokens for r in runs], names, "num_completion_tokens", True)
+    return distributions(names, loss + tokens)
+
+
+def task_chart_section(runs: Sequence[Run], task: str) -> str:
+    names = [r.name for r in runs]
+    return distributions(names, histogram([r.losses for r in runs], names, TASK_CHART[task], False))
+
+
+def distributions(names: Sequence[str], charts: str) -> str:
     legend = "".join(f"<span class=legend>{swatch(i)}{esc(n)}</span>" for i, n in enumerate(names))
-    return (
-        f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{loss}{tokens}</div></section>'
-    )
+    return f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{charts}</div></section>'
 
 
 def group_keys(column: pa.ChunkedArray) -> pa.Array:
@@ -456,11 +468,7 @@ def task_summary_section(runs: Sequence[Run], task: str) -> str:
         ("rows_per_s", "rows/s", [number(r.summary.get("rows_per_s"), 2) for r in runs]),
         ("model", "model", [esc(r.summary.get("model") or r.settings.get("model", {}).get("source")) for r in runs]),
     ]
-    body = "".join(
-        f"<tr><th>{label}</th>{''.join(f'<td data-metric={key!r} data-run={i}>{v}</td>' for i, v in enumerate(values))}</tr>"
-        for key, label, values in lines
-    )
-    return f'<section id="summary"><h2>Summary: {esc(task)}</h2><table class="grid">{run_heads(runs, "")}{body}</table></section>'
+    return figures_section(runs, f"Summary: {esc(task)}", lines)
 
 
 def task_by_section(runs: Sequence[Run], by: str | None, task: str) -> str:
@@ -571,35 +579,17 @@ table.rows td.cell{word-break:break-all}
 def render_report(runs: Sequence[Run], by: str | None) -> str:
     title = "bulkscore report: " + ", ".join(r.name for r in runs)
     task = runs[0].task
-    if task != "generate":
-        names = [r.name for r in runs]
-        legend = "".join(f"<span class=legend>{swatch(i)}{esc(n)}</span>" for i, n in enumerate(names))
-        chart = histogram([r.losses for r in runs], names, TASK_CHART[task], False)
-        return (
-            "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
-            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>{esc(title)}</h1>"
-            + task_summary_section(runs, task)
-            + f'<section id="charts"><h2>Distributions</h2><p>{legend}</p><div class="charts">{chart}</div></section>'
-            + task_by_section(runs, by, task)
-            + errors_section(runs)
-            + task_rows_section(runs, task)
-            + settings_section(runs)
-            + "</body></html>\n"
-        )
+    if task == "generate":
+        sections = [summary_section(runs), charts_section(runs), by_section(runs, by)]
+        sections += [errors_section(runs), rows_section(runs)]
+    else:
+        sections = [task_summary_section(runs, task), task_chart_section(runs, task), task_by_section(runs, by, task)]
+        sections += [errors_section(runs), task_rows_section(runs, task)]
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{esc(title)}</h1>"
-        + summary_section(runs)
-        + charts_section(runs)
-        + by_section(runs, by)
-        + errors_section(runs)
-        + rows_section(runs)
-        + settings_section(runs)
-        + "</body></html>\n"
+        f"<h1>{esc(title)}</h1>" + "".join(sections) + settings_section(runs) + "</body></html>\n"
     )
 
 

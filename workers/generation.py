@@ -18,9 +18,10 @@ import hashlib
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -39,6 +40,8 @@ from bulkscore.workers.tiles import (
     right_aligned,
     tile_rows,
 )
+
+Out = TypeVar("Out")
 
 
 @dataclass(frozen=True)
@@ -518,29 +521,28 @@ class Engine:
         """workers.losses.span_nll on this worker's model (on the model thread); `prefixed`: with the
         job's shared prefix."""
 
-        def score() -> list[float | None]:
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    return span_nll(self.lm, sequences, starts, self.prefix.tokens if prefixed else (), self.tick)
-            finally:
-                self.seconds["loss_s"] += time.perf_counter() - started
-
-        return self.model_thread.submit(score).result()
+        prefix = self.prefix.tokens if prefixed else ()
+        return self.on_model_thread("loss_s", lambda: span_nll(self.lm, sequences, starts, prefix, self.tick))
 
     def likelihood(self, requests: Sequence[Continuations]) -> list[list[Scored]]:
         """workers.likelihood.score_continuations on this worker's model (on the model thread), as many
         tile rows at once as --batch-size says."""
 
-        def score() -> list[list[Scored]]:
+        in_flight = self.settings.batch_size
+        return self.on_model_thread("score_s", lambda: score_continuations(self.lm, requests, in_flight, self.tick))
+
+    def on_model_thread(self, kind: str, work: Callable[[], Out]) -> Out:
+        """`work` on the model thread under inference mode, its time counted as `kind`; its result."""
+
+        def timed() -> Out:
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    return score_continuations(self.lm, requests, self.settings.batch_size, self.tick)
+                    return work()
             finally:
-                self.seconds["score_s"] += time.perf_counter() - started
+                self.seconds[kind] += time.perf_counter() - started
 
-        return self.model_thread.submit(score).result()
+        return self.model_thread.submit(timed).result()
 
     def tick(self) -> None:
         """One more model call finished (on the model thread)."""

@@ -166,11 +166,11 @@ class Group:
         columns = [run.columns(width) if run else (None, None) for run in rows]
         ending = {row: last for row, (last, _) in enumerate(columns) if last is not None}
         scoring = {row: first for row, (_, first) in enumerate(columns) if first is not None}
-        targets = right_aligned([run and run.targets[run.fed] for run in rows], self.tile.rows, width, 0)[0]
-        last_at = [ending.get(row, width - 1) for row in range(self.tile.rows)]
-        firsts, nll, greedy = tile_scores(
-            self.lm, self.tile, feeds, last_at if ending else None, targets if scoring else None
-        )
+        targets = None
+        if scoring:
+            targets = right_aligned([run and run.targets[run.fed] for run in rows], self.tile.rows, width, 0)[0]
+        last_at = [ending.get(row, width - 1) for row in range(self.tile.rows)] if ending else None
+        firsts, nll, greedy = tile_scores(self.lm, self.tile, feeds, last_at, targets)
         if ending:
             self.score_firsts(list(ending), firsts)
         if scoring:
@@ -190,17 +190,13 @@ class Group:
     def score_firsts(self, ending: Sequence[int], logprobs: torch.Tensor) -> None:
         """Every continuation's first token, from the logits after its context's last ([R, V] log-probs)."""
         best = logprobs[torch.tensor(ending)].argmax(dim=-1).tolist()
-        at, tokens = [], []
-        for row in ending:
-            index = self.rows[row].request
+        requests = [self.requests[self.rows[row].request] for row in ending]
+        at = [row for row, request in zip(ending, requests) for _ in request.continuations]
+        tokens = [c[0] for request in requests for c in request.continuations]
+        values = iter(logprobs[torch.tensor(at), torch.tensor(tokens)].tolist())  # one copy out for all
+        for row, request, top in zip(ending, requests, best):
             self.queued[row] = self.later.pop(row)  # its keys and values are in from this call on
-            firsts = [c[0] for c in self.requests[index].continuations]
-            at += [row] * len(firsts)
-            tokens += firsts
-        values = iter(logprobs[torch.tensor(at), torch.tensor(tokens)].tolist())
-        for row, top in zip(ending, best):
-            index = self.rows[row].request
-            for tally, continuation in zip(self.tallies[index], self.requests[index].continuations):
+            for tally, continuation in zip(self.tallies[self.rows[row].request], request.continuations):
                 tally.add(next(values), continuation[0] == top)
 
     def results(self, index: int) -> list[Scored]:
