@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -294,6 +295,45 @@ def test_the_prompts_a_prefill_call_finishes_go_to_their_slots_in_one_copy(lm, m
     assert sum(counted) == len(requests) and len(counted) < len(requests) / 2, counted
     for column in ("token_ids", "nll", "prompt_nlls"):
         assert [getattr(g, column) for g in together] == [getattr(g, column) for g in alone], column
+
+
+def test_a_decode_call_has_the_smallest_height_that_holds_its_rows(any_lm):
+    """Small jobs pay for the rows they have: a decoder's calls take the smallest decode height that
+    holds its running and waiting rows (16, 32, 64 or 128 rows at the tiny model's scale 1), growing
+    as rows come and shrinking as they end; every row's numbers are the same, bitwise, at every height."""
+    from bulkscore.workers.generation import Request, generate
+
+    small = dataclasses.replace(any_lm, tile_scale=1)
+    assert small.fixed_products  # the products always run at one height (models.PackedLinear)
+    questions = [f"{q['question']} ({n})" for n in range(6) for q in QUESTIONS]  # 48 prompts
+    requests = [Request(tuple(small.tokenizer(q)["input_ids"])) for q in questions]
+    gen = GenerationSettings(max_new_tokens=12)
+    shapes, hook = model_calls(small)
+    try:
+        with torch.inference_mode():
+            free = generate(small, requests, gen)
+            # Rows that end at their own times, half of them early: the tokens most completions hold
+            # after their first, as EOS.
+            held, eos = Counter(t for g in free for t in set(g.token_ids[1:-1])), []
+            for token, _ in held.most_common():
+                eos.append(token)
+                if sum(any(t in eos for t in g.token_ids[1:-1]) for g in free) >= len(free) // 2:
+                    break
+            ending = dataclasses.replace(small, eos_token_ids=tuple(eos))
+            shapes.clear()
+            together = generate(ending, requests, gen)
+            heights = [rows for rows, tokens in shapes if tokens == 1]
+            shapes.clear()
+            few = generate(ending, requests[:3], gen)
+            few_heights = {rows for rows, tokens in shapes if tokens == 1}
+            alone = [generate(ending, [r], gen)[0] for r in requests]
+    finally:
+        hook.remove()
+    assert heights[0] == 64 and heights == sorted(heights, reverse=True) and heights[-1] < 64, heights
+    assert few_heights == {16}
+    for column in ("token_ids", "nll", "finish_reason"):
+        assert [getattr(g, column) for g in together] == [getattr(g, column) for g in alone], column
+        assert [getattr(g, column) for g in few] == [getattr(g, column) for g in alone[:3]], column
 
 
 # Kernels that add many numbers: their order of additions may follow the shapes they are given.
@@ -743,6 +783,69 @@ def test_packed_products_give_each_row_its_own_numbers(isa):
         assert differ == "[]", (threads, out.stdout)
         digests.add(digest)
     assert len(digests) == 1  # every product bit for bit the same on 1 thread and on 2
+
+
+DECODE_HEIGHTS_CHECK = """
+import hashlib, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from bulkscore.workers.models import LoadedModel, pack_weights, packs_weights, unpacked_products
+from bulkscore.workers.attention import use_tile_attention
+from bulkscore.workers.tiles import Tile, decode_heights
+torch.manual_seed(0)
+config = LlamaConfig(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+    num_key_value_heads=3, tie_word_embeddings=True, attn_implementation="sdpa",
+)  # SmolLM2-135M's shapes, two of its layers
+heights = decode_heights(128, 1, True)
+differ, digests = [], {}
+for dtype in [torch.float32, torch.bfloat16]:
+    if not packs_weights(torch.device("cpu"), dtype):
+        continue
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    use_tile_attention(model)
+    pack_weights(model, keep_head=True)
+    assert not unpacked_products(model)
+    lm = LoadedModel(model, None, torch.device("cpu"), dtype, 2048, (2,), 0, 0.0, fixed_products=True)
+    # 128 rows at their own places (1..254) of a 256-position cache of random keys and values.
+    tokens, places = torch.randint(0, 49152, (128,)).tolist(), torch.randint(1, 255, (128,)).tolist()
+    cache = [torch.randn(2, 128, 3, 257, 64).to(dtype) for _ in range(2)]  # per layer: keys, values
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        digest, logits = digests.setdefault((str(dtype), threads), hashlib.sha256()), {}
+        with torch.inference_mode():
+            for height in heights:
+                tile = Tile(lm, height, 256, 1)
+                tile.cache.keys = [layer[0, :height].clone() for layer in cache]
+                tile.cache.values = [layer[1, :height].clone() for layer in cache]
+                out = tile.forward([([t], p) for t, p in zip(tokens[:height], places[:height])], last_only=True)
+                logits[height] = (out, torch.log_softmax(out, dim=-1), out.argmax(dim=-1))
+                digest.update(out.numpy().tobytes())
+        widest = logits[heights[-1]]
+        for height, numbers in logits.items():
+            if not all(torch.equal(a, b[:height]) for a, b in zip(numbers, widest)):
+                differ.append((str(dtype), threads, height))
+same_threads = all(digests[(d, 1)].digest() == digests[(d, 2)].digest() for d, _ in digests)
+print(differ, same_threads)
+"""
+
+
+@pytest.mark.parametrize("isa", ["", "AVX512_CORE_BF16", "AVX2"])
+def test_a_decode_call_gives_each_row_its_numbers_at_every_height(isa):
+    """The premise of decode_heights: at SmolLM2's shapes (two of its layers, random weights), a
+    decode call of 16, 32, 64 or 128 rows gives each row the same logits, log-softmax and argmax,
+    bitwise, with 1 thread and 2; on this CPU's kernels, on AVX-512 without AMX and on AVX2 ones
+    (ONEDNN_MAX_CPU_ISA: on a CPU without the newer kernels the first two are the same)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa) if isa else dict(os.environ)
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE_HEIGHTS_CHECK], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    # No (dtype, threads, height) differs, and 1 thread computes what 2 do.
+    assert out.stdout.split() == ["[]", "True"], out.stdout
 
 
 def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeypatch):

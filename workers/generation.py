@@ -37,6 +37,7 @@ from bulkscore.workers.tiles import (
     Tile,
     cache_length,
     chunks,
+    decode_heights,
     right_aligned,
     tile_rows,
 )
@@ -218,10 +219,14 @@ class Decoder:
         self, lm: LoadedModel, length: int, settings: GenerationSettings, prefix: SharedPrefix, score_prompts: bool
     ) -> None:
         self.lm, self.settings, self.prefix, self.score_prompts = lm, settings, prefix, score_prompts
-        self.decode = Tile(lm, tile_rows(DECODE_ROWS, length, lm.tile_scale), length, 1)
+        self.length = length
+        widest = tile_rows(DECODE_ROWS, length, lm.tile_scale)
+        self.heights = decode_heights(widest, lm.tile_scale, lm.fixed_products)
+        self.tiles: dict[int, Tile] = {}  # decode tiles by height, each allocated at its first use
+        self.decode = self.tile_of(self.heights[0])
         self.prefill = Tile(lm, tile_rows(PREFILL_ROWS, length, lm.tile_scale), length, CHUNK)
-        # --batch-size: how many slots are used; the tile's shape stays the same.
-        self.in_flight = min(self.decode.rows, settings.batch_size or self.decode.rows)
+        # --batch-size: how many rows decode at once (the tile's height holds them; no result changes).
+        self.in_flight = min(widest, settings.batch_size or widest)
         self.waiting: deque[Pending] = deque()
         self.filling: list[Prefilling | None] = []  # the prefill tile's rows, while refill runs
         self.slots: list[Running | None] = [None] * self.decode.rows
@@ -242,10 +247,40 @@ class Decoder:
         before), choose the newcomers' first tokens, and run the decode call. Rows end as they choose,
         so refilling after choosing keeps their slots from riding one call empty."""
         self.choose()
+        self.fit()
         self.refill()
         self.choose()
         if any(self.slots):
             self.step()
+
+    def tile_of(self, height: int) -> Tile:
+        if height not in self.tiles:
+            self.tiles[height] = Tile(self.lm, height, self.length, 1)
+        return self.tiles[height]
+
+    def fit(self) -> None:
+        """Run on the smallest decode height that holds the running and waiting rows (as many as
+        --batch-size lets run at once): the running rows move there, keys, values and logits, in one
+        copy per layer. A row's numbers are the same at every height (decode_heights)."""
+        running = [slot for slot, run in enumerate(self.slots) if run is not None]
+        need = min(self.in_flight, len(running) + len(self.waiting))
+        height = next((h for h in self.heights if h >= need), self.heights[-1])
+        if height == self.decode.rows:
+            return
+        tile = self.tile_of(height)
+        if running:
+            written = max(len(self.slots[s].pending.request.prompt) + len(self.slots[s].tokens) for s in running)
+            tile.cache.take(list(range(len(running))), self.decode.cache, running, written)
+        moved = {old: new for new, old in enumerate(running)}
+        for name in ("logits", "previous"):
+            logits = getattr(self, name)
+            if logits is not None:
+                kept = logits.new_zeros(height, logits.shape[-1])
+                kept[: len(running)] = logits[running]
+                setattr(self, name, kept)
+        self.slots = [self.slots[s] for s in running] + [None] * (height - len(running))
+        self.fresh = {moved[s] for s in self.fresh}
+        self.decode = tile
 
     def fail(self, error: BaseException) -> None:
         """A round raised: every request here ends with that error (the callers retry row by row)."""
@@ -263,7 +298,7 @@ class Decoder:
         through prompts, a chunk per call: the next prompt starts in the call after the last one's
         last chunk, so short prompts do not wait on long ones. A prompt's continuation is fed after
         it, in the same calls, and scored on the way."""
-        free = [s for s in range(self.in_flight) if self.slots[s] is None]
+        free = [s for s in range(min(self.in_flight, self.decode.rows)) if self.slots[s] is None]
         waiting = self.waiting
         if not waiting or not free or (any(self.slots) and len(free) < min(len(waiting), self.prefill.rows)):
             return
@@ -344,7 +379,7 @@ class Decoder:
         logits. Nothing is in a slot before the copy is done, so a failing copy fails them all."""
         if not rows:
             return
-        free = iter([s for s in range(self.in_flight) if self.slots[s] is None])
+        free = iter([s for s in range(min(self.in_flight, self.decode.rows)) if self.slots[s] is None])
         runs = [self.filling[row] for row in rows]
         taken = [[next(free) for _ in run.pendings] for run in runs]
         self.decode.cache.take(

@@ -33,6 +33,9 @@ class LoadedModel:
     cache_argument: str = "cache"  # the forward's name for the KV cache (transformers < 5: past_key_values)
     keeps_logits: bool = True  # the forward takes logits_to_keep (logits of the last positions only)
     tile_scale: int = 1  # its tiles have this many times the rows of workers.tiles' (tile_scale())
+    # Whether every matrix product of its layers runs at one height whatever a call's rows
+    # (PackedLinear): decode tiles may then be of several heights (workers.tiles.decode_heights).
+    fixed_products: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,7 +118,7 @@ def kernels_pinned(device: torch.device) -> bool:
     return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 
 
-PACK_ROWS = 128  # the rows oneDNN lays weights out for: a decode tile's (workers.tiles.DECODE_ROWS)
+PACK_ROWS = 128  # the rows oneDNN lays weights out for, and every packed product's (x models.tile_scale)
 
 
 class PackedLinear(torch.nn.Module):
@@ -125,11 +128,16 @@ class PackedLinear(torch.nn.Module):
     and half on the vocabulary projection. The kernels are oneDNN's, as for torch's own bfloat16
     products on CPUs. At a tile's shape each output row depends on its input row alone, bitwise,
     whatever the other rows and the row's place (tested on AVX-512 and, through ONEDNN_MAX_CPU_ISA,
-    on the AVX2 kernels), so the tiles keep a row's numbers its own."""
+    on the AVX2 kernels), so the tiles keep a row's numbers its own.
 
-    def __init__(self, linear: torch.nn.Linear, keep_weight: bool) -> None:
+    Every product runs at `rows` rows ([rows, in]): fewer are padded with zero rows, more are cut into
+    pieces of `rows`. oneDNN's kernels choose their arithmetic by the rows they are given (measured on
+    AMX in bfloat16: products of 16 and 32 rows differ from those of 128 in the last bits), so a
+    decode call of any tile height (workers.tiles.decode_heights) meets the same products."""
+
+    def __init__(self, linear: torch.nn.Linear, keep_weight: bool, rows: int = PACK_ROWS) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.rows = linear.in_features, linear.out_features, rows
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         self.bias = linear.bias
         # The output layer keeps its weight for losses.fused_nll where that scores (half precision; no
@@ -137,6 +145,18 @@ class PackedLinear(torch.nn.Module):
         self.weight = linear.weight if keep_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        flat = x.reshape(-1, self.in_features)  # [M, in]
+        count = flat.shape[0]
+        if count != self.rows:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, -count % self.rows))  # [rows x pieces, in]
+        out = (
+            torch.cat([self.product(piece) for piece in flat.split(self.rows)])
+            if count > self.rows
+            else self.product(flat)
+        )
+        return out[:count].view(*x.shape[:-1], self.out_features)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -154,16 +174,27 @@ def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
 X86_MACHINES = frozenset({"x86_64", "amd64"})
 
 
-def pack_weights(model: torch.nn.Module, keep_head: bool, pack_head: bool = True) -> None:
-    """Swap every nn.Linear of the model for a PackedLinear (packs_weights says where that pays);
-    `keep_head`: the output layer keeps its plain weight too (losses.fused_nll reads it); not
-    `pack_head`: the output layer stays as it is."""
+def pack_weights(model: torch.nn.Module, keep_head: bool, pack_head: bool = True, rows: int = PACK_ROWS) -> None:
+    """Swap every nn.Linear of the model for a PackedLinear (packs_weights says where that pays), its
+    products `rows` rows each; `keep_head`: the output layer keeps its plain weight too
+    (losses.fused_nll reads it); not `pack_head`: the output layer stays as it is."""
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and (pack_head or child is not head):
-                setattr(parent, name, PackedLinear(child, keep_weight=keep_head and child is head))
+                setattr(parent, name, PackedLinear(child, keep_weight=keep_head and child is head, rows=rows))
     release_freed_memory()
+
+
+def unpacked_products(model: torch.nn.Module) -> list[str]:
+    """The modules whose matrix products did not become PackedLinear ones: those that hold a matrix
+    weight, embeddings aside (a plain output layer, GPT-2's Conv1D)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if not isinstance(module, (PackedLinear, torch.nn.Embedding))
+        and any(p.dim() == 2 for p in module.parameters(recurse=False))
+    ]
 
 
 def release_freed_memory() -> None:
@@ -218,7 +249,7 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
     scale = tile_scale(model)  # from its parameters, before packing hides them
     if packs_weights(device, dtype):
         plain_head = plain_float32_head and dtype == torch.float32
-        pack_weights(model, keep_head=dtype != torch.float32, pack_head=not plain_head)
+        pack_weights(model, keep_head=dtype != torch.float32, pack_head=not plain_head, rows=PACK_ROWS * scale)
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
@@ -235,4 +266,5 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
         cache_argument="cache" if "cache" in forward else "past_key_values",
         keeps_logits="logits_to_keep" in forward,
         tile_scale=scale,
+        fixed_products=packs_weights(device, dtype) and not unpacked_products(model),
     )

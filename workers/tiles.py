@@ -25,7 +25,8 @@ import torch
 
 from bulkscore.workers.models import LoadedModel
 
-DECODE_ROWS = 128  # rows of every decode call: [128, 1]
+DECODE_ROWS = 128  # rows of the widest decode call: [128, 1]
+DECODE_HEIGHTS = (16, 32, 64, 128)  # the rows a decode call may have (decode_heights)
 PREFILL_ROWS = 16  # rows of every prefill call: [16, CHUNK]
 CHUNK = 8  # tokens per row of a prefill call
 MIN_LENGTH = 128  # fewest cache positions per row
@@ -47,6 +48,17 @@ def tile_rows(widest: int, length: int, scale: int = 1) -> int:
     """Rows of a tile over `length` positions: `widest` for short rows, fewer for long ones (at most
     TILE_POSITIONS positions in all), each times the model's `scale` (models.tile_scale)."""
     return max(1, min(widest, TILE_POSITIONS // length)) * scale
+
+
+def decode_heights(widest: int, scale: int, fixed_products: bool) -> tuple[int, ...]:
+    """The heights (rows) a decode tile of at most `widest` rows may take, each times the model's
+    `scale`: a decoder runs the smallest that holds its rows, so a small job pays for the rows it has.
+    Only where every matrix product runs at one height whatever a call's rows (models.PackedLinear):
+    what else a decode call computes (attention's products per row, norms, softmax) gives each row the
+    same bits at every height (tested). Elsewhere (a GPU) every call has the widest height."""
+    if not fixed_products:
+        return (widest,)
+    return tuple(sorted({min(widest, height * scale) for height in DECODE_HEIGHTS}))
 
 
 class SlotCache:
