@@ -40,9 +40,16 @@ test: install browser
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
-# bulkscore against transformers one at a time, batched, and Ray Data (scripts/bench.py).
+# bulkscore against transformers one at a time, batched, Ray Data and llama.cpp (scripts/bench.py).
+# llama-cpp-python builds from source (minutes, once), for this CPU's vector units but without
+# ggml's AMX kernels: its native build (0.3.36) crashes in its first decode on AMX Xeons.
+has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=$(call has,avx2) -DGGML_FMA=$(call has,fma) \
+	-DGGML_F16C=$(call has,f16c) -DGGML_AVX512=$(call has,avx512f) -DGGML_AVX512_VNNI=$(call has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call has,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet "llama-cpp-python>=0.3"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 # bulkscore's own cost: a near-zero model, 10^4..10^6 rows (scripts/bench_scale.py; README "At scale").

@@ -283,7 +283,7 @@ def summary_table(summary: dict) -> str:
             ("elapsed", f"{summary['elapsed_s']:.1f} s ({num(summary['rows_per_s'], 2)} rows/s)"),
             ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
         ]
-        return "\n".join(f"{k:<10} {v}" for k, v in lines)
+        return "\n".join(f"{k:<10} {v}" for k, v in lines + time_lines(summary))
     lines = [
         ("rows", f"{summary['rows']:,} ({summary['samples']:,} samples, {summary['errors']:,} errors)"),
         ("answered", f"{summary['answered']:,} ({pct(summary['answer_rate'])})"),
@@ -299,10 +299,39 @@ def summary_table(summary: dict) -> str:
         ),
         ("model", f"{summary['model']} on {summary['workers']} worker(s)"),
     ]
-    return "\n".join(f"{k:<10} {v}" for k, v in lines)
+    return "\n".join(f"{k:<10} {v}" for k, v in lines + time_lines(summary))
 
 
-@cli.command()
+PIECES = {
+    "ray_s": "Ray",
+    "placing_s": "worker placed",
+    "imports_s": "transformers",
+    "source_s": "files",
+    "tokenizer_s": "tokenizer",
+    "model_s": "model",
+    "pack_s": "packing",
+}
+
+
+def time_lines(summary: dict) -> list[tuple[str, str]]:
+    """Where the job's time went (the summary's timings): start-up piece by piece, then model time."""
+    timings = summary.get("timings") or {}
+    if timings.get("startup_s") is None:
+        return []
+    pieces = timings.get("startup") or {}
+    shown = ", ".join(f"{label} {pieces[key]:.1f}" for key, label in PIECES.items() if key in pieces)
+    model = ", ".join(
+        f"{name.removesuffix('_s')} {seconds:.1f} s" for name, seconds in timings.items() if name in MODEL_TIME
+    )
+    return [
+        ("start-up", f"{timings['startup_s']:.1f} s ({shown})" if shown else f"{timings['startup_s']:.1f} s"),
+        ("model time", model),
+    ]
+
+
+MODEL_TIME = ("generate_s", "loss_s", "score_s")
+
+
 @click.argument("answers")
 @click.option("-o", "--output", required=True, help="File to write: a path or a filesystem URI.")
 @click.option(

@@ -157,6 +157,18 @@ def run_job(
     return RunReport(summary, already_finished=False)
 
 
+def startup_pieces(startup_s: float, ray_s: float, info: dict) -> dict[str, float]:
+    """Where the first worker's start-up went: the job's own start and Ray's (`ray_s`, from the job's
+    start to Ray connected), the worker's placing and boot, and its model load, piece by piece."""
+    load = info.get("load_s", 0.0)
+    return {
+        "ray_s": round(ray_s, 3),
+        "placing_s": round(max(0.0, startup_s - ray_s - load), 3),
+        "load_s": load,
+        **info.get("load_pieces", {}),
+    }
+
+
 def score_on_ray(
     spec: JobSpec,
     questions: pa.Table,
@@ -180,6 +192,8 @@ def score_on_ray(
     with ray_session(options.address) as where:
         from ray.exceptions import RayError  # only now: ray_session sets Ray's mode before its import
 
+        ray_s = time.perf_counter() - started
+
         pool = plan_pool(options.workers, options.cpus_per_worker, options.gpus_per_worker, len(todo))
         # Each worker's torch uses as many threads as the CPUs Ray gave it.
         model = replace(spec.model, threads=spec.model.threads or max(1, int(pool.cpus_per_worker)))
@@ -199,6 +213,7 @@ def score_on_ray(
             def on_ready(info: dict) -> None:
                 if timings["startup_s"] is None:
                     timings["startup_s"] = round(time.perf_counter() - started, 3)
+                    timings["startup"] = startup_pieces(timings["startup_s"], ray_s, info)
                     tell(
                         f"First worker ready in {time.perf_counter() - ready:.1f} s on {info['device']} "
                         f"({info['dtype']}, model loaded in {info['load_s']:.1f} s)"

@@ -102,8 +102,17 @@ def test_run_writes_the_contract(tiny_model, questions, tmp_path):
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS
     assert summary["rows"] == summary["samples"] == 8 and summary["errors"] == 0
-    assert set(summary["timings"]) == {"startup_s", "generate_s", "loss_s"}
+    assert set(summary["timings"]) == {"startup_s", "startup", "generate_s", "loss_s"}
     assert 0 < summary["timings"]["startup_s"] < summary["elapsed_s"]
+    # Start-up piece by piece: Ray (joined here: the tests' instance), the worker placed, its load.
+    pieces = summary["timings"]["startup"]
+    assert set(pieces) == {"ray_s", "placing_s", "load_s", "imports_s", "source_s", "tokenizer_s", "model_s", "pack_s"}
+    assert pieces["ray_s"] + pieces["placing_s"] + pieces["load_s"] == pytest.approx(
+        summary["timings"]["startup_s"], abs=0.01
+    )
+    assert pieces["load_s"] >= pieces["tokenizer_s"] + pieces["model_s"] > 0
+    shown = [line for line in lines if line.startswith("start-up   ")]
+    assert len(shown) == 1 and "tokenizer" in shown[0] and "packing" in shown[0], lines
     assert summary["timings"]["generate_s"] > 0 and summary["timings"]["loss_s"] > 0
     assert summary["completion_tokens"] == sum(table.column("num_completion_tokens").to_pylist())
     assert summary["mean_loss"] == pytest.approx(sum(table.column("loss").to_pylist()) / 8, abs=1e-6)

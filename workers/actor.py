@@ -47,6 +47,7 @@ class ShardScorer:
             "device": str(self.lm.device),
             "dtype": str(self.lm.dtype).removeprefix("torch."),
             "load_s": round(self.lm.load_s, 3),
+            "load_pieces": self.lm.load_pieces,
             "invariant": kernels_pinned(self.lm.device),
         }
 

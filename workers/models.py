@@ -7,7 +7,7 @@ import inspect
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     load_s: float
+    # Where load_s went, in seconds: transformers' import, finding the files, the tokenizer, the model,
+    # its packing.
+    load_pieces: dict[str, float] = field(default_factory=dict)
     cache_argument: str = "cache"  # the forward's name for the KV cache (transformers < 5: past_key_values)
     keeps_logits: bool = True  # the forward takes logits_to_keep (logits of the last positions only)
     tile_scale: int = 1  # its tiles have this many times the rows of workers.tiles' (tile_scale())
@@ -231,25 +234,37 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
     rows, largest difference from lm-eval's log-probs: 1.0e-4 all packed, 6.0e-5 with the head
     plain (4.2e-5 with nothing packed, at twice the time: MKL's strict mode is slow on the layers'
     shapes; lm-eval against itself at batch 1 and 32: 2.7e-5); the time was the same or less."""
+    started = time.perf_counter()
+    pieces, clock = {}, [started]
+
+    def done(piece: str) -> None:
+        now = time.perf_counter()
+        pieces[piece] = round(now - clock[0], 3)
+        clock[0] = now
+
     pin_kernels()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
+    done("imports_s")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     source = model_folder(spec)
+    done("source_s")  # the model's files found (a GGUF file converted on its first use)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+    done("tokenizer_s")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     if spec.adapter:
         model = apply_adapter(model, spec.adapter)
     model = model.to(device).eval()
     use_tile_attention(model)
+    done("model_s")
     scale = tile_scale(model)  # from its parameters, before packing hides them
     if packs_weights(device, dtype):
         plain_head = plain_float32_head and dtype == torch.float32
         pack_weights(model, keep_head=dtype != torch.float32, pack_head=not plain_head, rows=PACK_ROWS * scale)
+    done("pack_s")
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
@@ -263,6 +278,7 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
         eos_token_ids=eos,
         pad_token_id=int(pad),
         load_s=time.perf_counter() - started,
+        load_pieces=pieces,
         cache_argument="cache" if "cache" in forward else "past_key_values",
         keeps_logits="logits_to_keep" in forward,
         tile_scale=scale,
