@@ -870,6 +870,35 @@ def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeyp
     assert threads == [scoring] and scoring is not threading.current_thread()
 
 
+WORKER_LOAD_CHECK = """
+import sys
+import scipy  # installed here (lm-eval's dependencies): what a worker's load must not import of it
+from bulkscore.workers.actor import ShardScorer
+from bulkscore.workers.contract import GenerationSettings, GradingSettings, ModelSpec, PromptSettings, ScoringSettings
+settings = ScoringSettings(PromptSettings("raw"), GenerationSettings(max_new_tokens=3), GradingSettings())
+scorer = ShardScorer(ModelSpec(sys.argv[1], "folder", device="cpu", threads=1), settings)
+scorer.where = lambda: {}  # Ray's context would start a Ray instance
+info = scorer.load()
+from bulkscore.workers.generation import Request, generate
+out = generate(scorer.lm, [Request((5, 17, 3))], settings.generation)
+print(info.get("error"), "scipy.optimize" in sys.modules, len(out[0].token_ids))
+"""
+
+
+def test_a_worker_loads_without_importing_scipy(tiny_model):
+    """transformers imports scipy.optimize with its loss functions, for object detection alone: a
+    worker's load (a fresh process, as a Ray worker's is) skips it (models.skip_unused_imports), and
+    the model still generates."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER_LOAD_CHECK, str(tiny_model)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False", "3"], out.stdout
+
+
 def test_a_worker_loads_with_the_cycle_collector_paused_and_leaves_it_on(tiny_model, monkeypatch):
     """The load's million long-lived objects are made without the collector and then frozen out of
     its reach (actor.collector_paused); the collector is on again afterwards, after a failed load too,

@@ -53,9 +53,10 @@ class ShardScorer:
 
     def load_model(self) -> None:
         """The model and its engine, on the one thread that will run it."""
-        from bulkscore.workers.models import load_model, pin_kernels
+        from bulkscore.workers.models import load_model, pin_kernels, skip_unused_imports
 
         pin_kernels()  # before torch's first call into MKL, which reads the setting once
+        skip_unused_imports()
         import torch
 
         from bulkscore.workers.generation import model_thread
