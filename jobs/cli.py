@@ -332,6 +332,7 @@ def time_lines(summary: dict) -> list[tuple[str, str]]:
 MODEL_TIME = ("generate_s", "loss_s", "score_s")
 
 
+@cli.command()
 @click.argument("answers")
 @click.option("-o", "--output", required=True, help="File to write: a path or a filesystem URI.")
 @click.option(
