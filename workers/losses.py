@@ -103,7 +103,10 @@ def project_prefill(
         return firsts, None if targets is None else nll_from_logits(logits, targets)
     hidden = tile.hidden(feeds)  # [R, W, H]
     head = lm.model.get_output_embeddings()
-    firsts = head(hidden[torch.arange(rows), columns.to(hidden.device)]).float() if last_at else None  # [R, V]
+    last = hidden[torch.arange(rows), columns.to(hidden.device)]  # [R, H]: the tile's rows, always
+    firsts = None
+    if last_at:
+        firsts = (head.product(last) if isinstance(head, PackedLinear) else head(last)).float()  # [R, V]
     if targets is None:
         return firsts, None
     if scores_in_chunks(lm):

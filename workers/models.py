@@ -177,7 +177,9 @@ class PackedLinear(torch.nn.Module):
         )
         return out[:count].view(*x.shape[:-1], self.out_features)
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
+    def product(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+        """The product at x's own rows: for calls whose rows are fixed by design whatever the batch
+        (a prefill tile's last tokens, [16 rows, hidden]), which need no padding to 128."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
