@@ -22,7 +22,8 @@ every peer), at least one new token each (bulkscore's default --min-new-tokens):
              worktree` of an earlier commit), for a before/after table from one run
 Prints wall time, rows/s, generated tokens/s, each peer's time over bulkscore's (how many times
 faster bulkscore is), and where each peer's time went: start-up (from its start to its model loaded:
-imports, Ray and the load), generating, and the loss pass (bulkscore's alone; the others compute none). `make bench` runs it; on a machine with a GPU, the peers use it.
+imports, Ray and the load), generating, and the loss pass (bulkscore's alone; the others compute
+none). `make bench` runs it; on a machine with a GPU, the peers use it.
 `--task choice [--rows 300]`: multiple-choice scoring against lm-evaluation-harness (bench_choice.py).
 """
 
@@ -302,8 +303,8 @@ def run_peers(args, folder: Path, env: dict, results: dict) -> None:
         try:
             command, output = peer_command(name, args, folder)
             peer_env = env | {"PYTHONPATH": str(args.baseline_path)} if name == "before" else env
+            peer_env = peer_env | {"BENCH_STARTED": repr(time.time())}  # the peer's since_start()
             started = time.perf_counter()
-            peer_env = peer_env | {"BENCH_STARTED": repr(time.time())}
             # "before" runs in the bench's folder: in a checkout, the working directory's bulkscore/
             # would come first on the path of its driver and workers.
             cwd = folder if name == "before" else None

@@ -735,6 +735,19 @@ def test_weights_are_packed_where_onednn_computes_them_and_agree(tiny_model, mon
     assert torch.allclose(ours, theirs, **close)
 
 
+def run_check(script: str, *args: str, isa: str = "") -> str:
+    """A check script in a fresh Python process (oneDNN reads ONEDNN_MAX_CPU_ISA once: a process each);
+    its standard output, once it has exited 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa) if isa else dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 PACKED_ROWS_CHECK = """
 import hashlib, sys, torch
 from bulkscore.workers.models import PACK_ROWS
@@ -768,19 +781,11 @@ def test_packed_products_give_each_row_its_own_numbers(isa):
     its input row's alone, bitwise, wherever the row sits and whatever its neighbours, and the same
     with 1 thread or 2 (--cpus-per-worker); on this CPU's kernels and on oneDNN's AVX2 ones
     (ONEDNN_MAX_CPU_ISA, which oneDNN reads once: a process each)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa) if isa else dict(os.environ)
     digests = set()
     for threads in ("1", "2"):
-        out = subprocess.run(
-            [sys.executable, "-c", PACKED_ROWS_CHECK, threads], capture_output=True, text=True, env=env, timeout=300
-        )
-        assert out.returncode == 0, out.stderr
-        differ, digest = out.stdout.strip().rsplit(" ", 1)
-        assert differ == "[]", (threads, out.stdout)
+        stdout = run_check(PACKED_ROWS_CHECK, threads, isa=isa)
+        differ, digest = stdout.strip().rsplit(" ", 1)
+        assert differ == "[]", (threads, stdout)
         digests.add(digest)
     assert len(digests) == 1  # every product bit for bit the same on 1 thread and on 2
 
@@ -835,17 +840,9 @@ def test_a_decode_call_gives_each_row_its_numbers_at_every_height(isa):
     decode call of 16, 32, 64 or 128 rows gives each row the same logits, log-softmax and argmax,
     bitwise, with 1 thread and 2; on this CPU's kernels, on AVX-512 without AMX and on AVX2 ones
     (ONEDNN_MAX_CPU_ISA: on a CPU without the newer kernels the first two are the same)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa) if isa else dict(os.environ)
-    out = subprocess.run(
-        [sys.executable, "-c", DECODE_HEIGHTS_CHECK], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
+    stdout = run_check(DECODE_HEIGHTS_CHECK, isa=isa)
     # No (dtype, threads, height) differs, and 1 thread computes what 2 do.
-    assert out.stdout.split() == ["[]", "True"], out.stdout
+    assert stdout.split() == ["[]", "True"], stdout
 
 
 def test_a_worker_loads_its_model_on_the_thread_that_runs_it(tiny_model, monkeypatch):
@@ -889,14 +886,8 @@ def test_a_worker_loads_without_importing_scipy(tiny_model):
     """transformers imports scipy.optimize with its loss functions, for object detection alone: a
     worker's load (a fresh process, as a Ray worker's is) skips it (models.skip_unused_imports), and
     the model still generates."""
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER_LOAD_CHECK, str(tiny_model)], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["None", "False", "3"], out.stdout
+    stdout = run_check(WORKER_LOAD_CHECK, str(tiny_model))
+    assert stdout.split() == ["None", "False", "3"], stdout
 
 
 def test_a_worker_loads_with_the_cycle_collector_paused_and_leaves_it_on(tiny_model, monkeypatch):

@@ -253,6 +253,10 @@ class Decoder:
         if any(self.slots):
             self.step()
 
+    def free_slots(self) -> list[int]:
+        """The decode tile's free slots among those --batch-size lets run."""
+        return [s for s in range(min(self.in_flight, self.decode.rows)) if self.slots[s] is None]
+
     def tile_of(self, height: int) -> Tile:
         if height not in self.tiles:
             self.tiles[height] = Tile(self.lm, height, self.length, 1)
@@ -298,7 +302,7 @@ class Decoder:
         through prompts, a chunk per call: the next prompt starts in the call after the last one's
         last chunk, so short prompts do not wait on long ones. A prompt's continuation is fed after
         it, in the same calls, and scored on the way."""
-        free = [s for s in range(min(self.in_flight, self.decode.rows)) if self.slots[s] is None]
+        free = self.free_slots()
         waiting = self.waiting
         if not waiting or not free or (any(self.slots) and len(free) < min(len(waiting), self.prefill.rows)):
             return
@@ -379,7 +383,7 @@ class Decoder:
         logits. Nothing is in a slot before the copy is done, so a failing copy fails them all."""
         if not rows:
             return
-        free = iter([s for s in range(min(self.in_flight, self.decode.rows)) if self.slots[s] is None])
+        free = iter(self.free_slots())
         runs = [self.filling[row] for row in rows]
         taken = [[next(free) for _ in run.pendings] for run in runs]
         self.decode.cache.take(

@@ -103,9 +103,9 @@ def project_prefill(
         return firsts, None if targets is None else nll_from_logits(logits, targets)
     hidden = tile.hidden(feeds)  # [R, W, H]
     head = lm.model.get_output_embeddings()
-    last = hidden[torch.arange(rows), columns.to(hidden.device)]  # [R, H]: the tile's rows, always
     firsts = None
     if last_at:
+        last = hidden[torch.arange(rows), columns.to(hidden.device)]  # [R, H]: the tile's rows, always
         firsts = (head.product(last) if isinstance(head, PackedLinear) else head(last)).float()  # [R, V]
     if targets is None:
         return firsts, None

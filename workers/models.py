@@ -281,7 +281,8 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
     use_tile_attention(model)
     done("model_s")
     scale = tile_scale(model)  # from its parameters, before packing hides them
-    if packs_weights(device, dtype):
+    packed = packs_weights(device, dtype)
+    if packed:
         plain_head = plain_float32_head and dtype == torch.float32
         pack_weights(model, keep_head=dtype != torch.float32, pack_head=not plain_head, rows=PACK_ROWS * scale)
     done("pack_s")
@@ -302,5 +303,5 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
         cache_argument="cache" if "cache" in forward else "past_key_values",
         keeps_logits="logits_to_keep" in forward,
         tile_scale=scale,
-        fixed_products=packs_weights(device, dtype) and not unpacked_products(model),
+        fixed_products=packed and not unpacked_products(model),
     )
