@@ -112,11 +112,14 @@ def what_happened(cause: str) -> str:
     return "hung" if cause.startswith("hung") else "died"
 
 
+def never_ran(error: BaseException) -> bool:
+    return "never ran" in str(error) or "creation cancelled" in str(error)
+
+
 def death_cause(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     cause = text[0][:300] if text else type(error).__name__
-    never_ran = "never ran" in str(error) or "creation cancelled" in str(error)
-    return cause + " (it never ran: Ray cancelled it before it started)" if never_ran else cause
+    return cause + " (it never ran: Ray cancelled it before it started)" if never_ran(error) else cause
 
 
 class Pool:
@@ -199,6 +202,7 @@ def run_shards(
         ObjectLostError,
         OutOfMemoryError,
         RayActorError,
+        RayError,
         RaySystemError,
         RayTaskError,
         WorkerCrashedError,
@@ -370,9 +374,9 @@ def run_shards(
         elif not long_waiting:
             said_waiting = None
 
-    for _ in range(workers):
-        start()
     try:
+        for _ in range(workers):
+            start()
         while True:
             fill()
             if not owner and not suspects and next_piece() is None:
@@ -413,6 +417,12 @@ def run_shards(
             pool.finish(worker, ref, work)
             worker.heard = time.monotonic()
             on_result(work.task, result)
+    except RayError as error:
+        # Ray can report an actor it cancelled before it ran from other calls too (its kill, a
+        # submission): with no worker loaded, that is the start failure, said as such.
+        if pool.workers or not never_ran(error):
+            raise
+        raise JobError(room.start_failure(death_cause(error))) from None
     finally:
         for worker in [*starting, *pool.workers]:
             try:

@@ -227,6 +227,7 @@ class Sim:
         self.hangs: set[int] = set()
         self.die_loading = 0  # the first this many workers die while loading
         self.cancel_loading = 0  # Ray cancels the creation of the first this many workers
+        self.kill_says_cancelled = False  # and killing one of those raises Ray's error again
         self.murder_every_s, self.random, self.last_murder = murder_every_s, random.Random(seed), time.monotonic()
         self.murders = 0
 
@@ -256,6 +257,8 @@ class Sim:
         return ref.answer()
 
     def kill(self, actor: SimActor) -> None:
+        if self.kill_says_cancelled and actor.number < self.cancel_loading:
+            raise RaySystemError("Actor creation cancelled.")
         actor.dead = True
 
 
@@ -342,6 +345,17 @@ def test_workers_whose_creation_ray_cancels_are_replaced_as_never_ran():
     assert set(errors.values()) == {"ok"} and outcome.deaths == 2
     replaced = [s for s in said if s.startswith("A worker died while starting; starting a replacement")]
     assert len(replaced) == 2 and all("Actor creation cancelled. (it never ran" in s for s in replaced), said
+
+
+def test_a_cancelled_creation_ray_reports_elsewhere_is_the_start_failure():
+    """Ray's "Actor creation cancelled" can also come out of a call the job makes on such an actor
+    (here its kill): with no worker ever loaded, that is the start failure's one sentence, not an
+    error from Ray mid-job."""
+    sim = Sim(room=2)
+    sim.cancel_loading, sim.kill_says_cancelled = 10**6, True
+    expected = r"workers keep dying before their model is loaded \(last: System error: Actor creation cancelled\. \(it never ran"
+    with pytest.raises(JobError, match=expected):
+        simulate(sim, 4, workers=2)
 
 
 def test_random_deaths_condemn_no_row():
