@@ -7,13 +7,22 @@ that stops making progress (hangs) is replaced; it costs only its in-flight shar
 
 Rows are given up only on evidence: the piece that was running when its worker died is a suspect
 and runs alone from then on; a suspect piece whose worker dies again is split in halves, and a
-single row is given up after ROW_DEATHS deaths while it ran alone, each on a fresh worker. Deaths
-that merely happen around a row (spot preemptions, out-of-memory kills elsewhere) condemn nothing.
+single row is given up after ROW_DEATHS deaths while it ran alone, each on a fresh worker, that
+chance cannot explain. Chance is the job's background death rate: the deaths of workers that ran
+no suspect (loading, idle or running ordinary pieces), less those that ran this row, per second
+the workers lived so. A worker that dies
+`t` seconds into a row's run is hit that early by chance with probability 1 - exp(-rate * t); the
+row's deaths are its own where chance would bring them all that early less than once in 1/CHANCE
+(Fisher's method over its deaths). A hang is the driver's own finding and always counts. With no
+deaths around, a row is given up after ROW_DEATHS deaths alone, as a poison row should be; under
+churn (spot preemptions, out-of-memory kills elsewhere) a row is given up only if its workers die
+sooner and more often than the others do, or after MAX_ROW_DEATHS deaths alone whatever the others.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -28,7 +37,9 @@ from bulkscore.workers.actor import ShardScorer
 from bulkscore.workers.contract import RESULT_SCHEMA, ModelSpec, ScoringSettings, ShardTask, error_result
 
 IN_FLIGHT_PER_WORKER = 2
-ROW_DEATHS = 3  # deaths while a single row ran alone before it is given up
+ROW_DEATHS = 3  # unexplained deaths while a single row ran alone before it is given up
+MAX_ROW_DEATHS = 10  # deaths alone that give a row up whatever the job's background deaths
+CHANCE = 1e-4  # deaths that random ones would match this rarely are the row's
 WAIT_S = 0.5
 CHECK_EVERY_S = 0.5  # how often workers' progress and the cluster's room are looked at
 SAY_WAITING_AFTER_S = 3.0  # a worker not placed this long is worth a message
@@ -55,6 +66,10 @@ class Work:
     suspect: bool = False  # was running when a worker died or hung: runs alone from now on
     alone: int = 0  # workers that died or hung while this piece ran alone
     around: int = 0  # workers that died or hung while this piece (or one holding it) ran
+    died: int = 0  # of `alone`, the deaths (not hangs)
+    surprise: float = 0.0  # -log of the product of the chances that random deaths came as early
+    background: int = 0  # deaths counted in the job's background that happened while it (or one holding it) ran
+    launched: float = 0.0
 
 
 @dataclass(eq=False)
@@ -71,6 +86,42 @@ class Worker:
     calls: int = -1  # its model calls at the last probe
     probe: Any = None
     probed: float = 0.0
+    suspect_s: float = 0.0  # seconds it ran suspect pieces, finished ones
+    suspect_since: float | None = None  # when the suspect piece it runs began
+
+    def ordinary_s(self, now: float) -> float:
+        """Seconds it lived running no suspect piece: its share of the background exposure."""
+        running = now - self.suspect_since if self.suspect_since is not None else 0.0
+        return now - self.started - self.suspect_s - running
+
+
+@dataclass
+class Background:
+    """Deaths no suspect piece can explain (workers loading, idle or running ordinary pieces) and the
+    seconds the dead workers lived so."""
+
+    deaths: int = 0
+    seconds: float = 0.0
+
+    def rate(self, now: float, alive: Iterable[Worker], own: int) -> float:
+        """Deaths per worker-second, the living workers' seconds included, less `own` deaths (those of
+        the piece judged: its first death came while it ran as an ordinary piece)."""
+        seconds = self.seconds + sum(w.ordinary_s(now) for w in alive)
+        return (self.deaths - own) / max(seconds, 1e-3)
+
+
+def chance_of(deaths: int, surprise: float) -> float:
+    """How often `deaths` random deaths would each come as early as a row's did, where the product of
+    their chances is exp(-surprise) (Fisher's method): P(Poisson(surprise) < deaths)."""
+    if deaths == 0:
+        return 1.0
+    if math.isinf(surprise):
+        return 0.0
+    term = below = math.exp(-surprise)
+    for k in range(1, deaths):
+        term *= surprise / k
+        below += term
+    return min(1.0, below)
 
 
 def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> Callable[[], Any]:
@@ -89,18 +140,30 @@ def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) ->
 
 
 def after_death(
-    work: Work, cause: str, alone: bool, num_samples: int, schema: pa.Schema = RESULT_SCHEMA
+    work: Work,
+    cause: str,
+    alone: bool,
+    num_samples: int,
+    schema: pa.Schema = RESULT_SCHEMA,
+    ran_s: float = 0.0,
+    rate: float = 0.0,
 ) -> tuple[list[Work], pa.Table | None]:
-    """What to do with a piece whose worker died (or hung) running it: retry it alone, split it, or
-    give up on it (a single row, after ROW_DEATHS deaths alone: its result rows in `schema`)."""
+    """What to do with a piece whose worker died (or hung) `ran_s` after it began: retry it alone,
+    split it, or give up on it (a single row whose deaths alone chance at `rate` deaths per
+    worker-second cannot explain; see the module's text): its result rows in `schema`."""
     work.around += 1
     if not alone or not work.suspect:
         work.suspect = True
         return [work], None
     work.alone += 1
     if work.task.size > 1:
-        return [Work(half, suspect=True, around=work.around) for half in work.task.halves()], None
-    if work.alone < ROW_DEATHS:
+        halves = work.task.halves()
+        return [Work(h, suspect=True, around=work.around, background=work.background) for h in halves], None
+    if what_happened(cause) == "died":
+        chance = -math.expm1(-rate * ran_s)  # that a random death comes within ran_s
+        work.died, work.surprise = work.died + 1, work.surprise + (-math.log(chance) if chance > 0 else math.inf)
+    random_ones = work.died if chance_of(work.died, work.surprise) >= CHANCE else 0
+    if work.alone - random_ones < ROW_DEATHS and work.alone < MAX_ROW_DEATHS:
         return [work], None
     what = what_happened(cause)
     message = f"worker {what}: {work.alone} workers {what} running this row alone, {work.around} in all (last: {cause})"
@@ -222,6 +285,7 @@ def run_shards(
     calls: dict = {}  # where/load/progress ref -> (kind, worker)
     numbers = itertools.count(1)
     outcome = Outcome()
+    background = Background()
     start_deaths = 0  # in a row, with no worker loaded in between
     no_room_since: float | None = None
     said_waiting: tuple | None = None
@@ -248,8 +312,11 @@ def run_shards(
         return upcoming[0]
 
     def launch(worker: Worker, work: Work) -> None:
+        work.launched = now = time.monotonic()
         if not worker.running:
-            worker.heard = time.monotonic()
+            worker.heard = now
+        if work.suspect:
+            worker.suspect_since = now
         ref = worker.actor.score.remote(work.task)
         pool.launch(worker, ref, work)
         owner[ref] = (worker, work)
@@ -279,8 +346,12 @@ def run_shards(
         finished, blame the piece that was running (the first unfinished one), run the rest again
         elsewhere, and start a replacement."""
         nonlocal start_deaths
+        now = time.monotonic()
         outcome.deaths += 1
         outcome.hangs += what_happened(cause) == "hung"
+        background.seconds += worker.ordinary_s(now)
+        ordinary = worker.suspect_since is None
+        background.deaths += ordinary
         pool.remove(worker)
         starting.discard(worker)
         for ref in worker.refs:
@@ -298,6 +369,7 @@ def run_shards(
                     continue
                 except died:
                     pass
+            piece.background += ordinary
             unfinished.append(piece)
         if unfinished:
             blamed, task = unfinished[0], unfinished[0].task
@@ -306,7 +378,10 @@ def run_shards(
                 f"A worker {what} running rows {task.start}-{task.stop - 1} of shard {task.index}; "
                 f"starting a replacement ({cause})"
             )
-            retry, given_up = after_death(blamed, cause, len(unfinished) == 1, num_samples, schema)
+            rate = background.rate(now, [*pool.workers, *starting], blamed.background)
+            retry, given_up = after_death(
+                blamed, cause, len(unfinished) == 1, num_samples, schema, now - blamed.launched, rate
+            )
             if given_up is not None:
                 on_result(blamed.task, given_up)
             # The others that ran beside it are suspects too (a culprit running second would
@@ -416,6 +491,9 @@ def run_shards(
                 continue
             pool.finish(worker, ref, work)
             worker.heard = time.monotonic()
+            if work.suspect:
+                worker.suspect_s += worker.heard - worker.suspect_since
+                worker.suspect_since = None
             on_result(work.task, result)
     except RayError as error:
         # Ray can report an actor it cancelled before it ran from other calls too (its kill, a

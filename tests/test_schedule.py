@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -11,7 +12,7 @@ import pytest
 from ray.exceptions import RayActorError, RaySystemError
 
 from bulkscore.jobs.errors import JobError
-from bulkscore.jobs.schedule import Patience, run_shards
+from bulkscore.jobs.schedule import Patience, chance_of, run_shards
 from bulkscore.workers.contract import INPUT_SCHEMA, ShardTask, error_result
 
 
@@ -364,6 +365,40 @@ def test_random_deaths_condemn_no_row():
     errors, _, outcome = simulate(sim, 100, size=4, workers=3)
     assert sim.murders >= 10 and outcome.deaths >= 10
     assert set(errors.values()) == {"ok"}
+
+
+def test_heavy_churn_with_slow_loads_condemns_no_row_over_many_runs():
+    """Issue 27's AMX case, scaled down: a worker's load takes three of its pieces' time and a random
+    worker dies every two pieces' time, so a suspect row alone is often hit again by chance. Those
+    deaths come no sooner and no more often than the other workers' deaths: no row is given up, in
+    any of the runs (three deaths alone used to give one up in about every third run)."""
+    for seed in range(6):
+        sim = Sim(room=2, load_s=0.075, score_s=0.025, murder_every_s=0.05, seed=seed)
+        errors, _, outcome = simulate(sim, 24, size=4, workers=2)
+        assert outcome.deaths >= 15, (seed, outcome.deaths)
+        assert set(errors.values()) == {"ok"}, (seed, {r: e for r, e in errors.items() if e != "ok"})
+
+
+def test_a_row_that_kills_its_worker_amid_heavy_churn_is_given_up_after_three_deaths_alone():
+    """The same churn with a poison row: its workers die at once, every time, which chance does not
+    explain; it is given up after three deaths alone, as in a calm job, and its shard-mates are scored."""
+    for seed in range(3):
+        sim = Sim(room=2, load_s=0.075, score_s=0.025, murder_every_s=0.08, seed=seed)
+        sim.kills = {37}
+        errors, _, _ = simulate(sim, 24, size=4, workers=2)
+        assert errors.pop(37).startswith("worker died: 3 workers died running this row alone"), seed
+        assert set(errors.values()) == {"ok"}, seed
+
+
+def test_the_chance_of_deaths_as_early_as_a_rows():
+    """Fisher's method: one death whose chance was p has chance p; none, 1; a certain cause, 0."""
+    assert chance_of(0, 5.0) == 1.0
+    assert chance_of(1, -math.log(0.01)) == pytest.approx(0.01)
+    # Three deaths, each with chance 0.1: their product 1e-3, and three such values at random
+    # reach it with the chance 1e-3 * (1 + L + L^2 / 2), L = -log(1e-3).
+    low = -math.log(1e-3)
+    assert chance_of(3, 3 * -math.log(0.1)) == pytest.approx(1e-3 * (1 + low + low**2 / 2))
+    assert chance_of(3, math.inf) == 0.0
 
 
 def test_a_row_that_kills_its_worker_is_given_up_amid_random_deaths():
