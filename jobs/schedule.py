@@ -10,7 +10,7 @@ and runs alone from then on; a suspect piece whose worker dies again is split in
 single row is given up after ROW_DEATHS deaths while it ran alone, each on a fresh worker, that
 chance cannot explain. Chance is the job's background death rate: the deaths of workers that ran
 no suspect (loading, idle or running ordinary pieces), less those that ran this row, per second
-the workers lived so. A worker that dies
+the workers lived so once placed. A worker that dies
 `t` seconds into a row's run is hit that early by chance with probability 1 - exp(-rate * t); the
 row's deaths are its own where chance would bring them all that early less than once in 1/CHANCE
 (Fisher's method over its deaths). A hang is the driver's own finding and always counts. With no
@@ -90,9 +90,12 @@ class Worker:
     suspect_since: float | None = None  # when the suspect piece it runs began
 
     def ordinary_s(self, now: float) -> float:
-        """Seconds it lived running no suspect piece: its share of the background exposure."""
+        """Seconds it lived running no suspect piece since it was placed (a process that could die):
+        its share of the background exposure."""
+        if not self.placed:
+            return 0.0
         running = now - self.suspect_since if self.suspect_since is not None else 0.0
-        return now - self.started - self.suspect_s - running
+        return now - self.placed_at - self.suspect_s - running
 
 
 @dataclass
@@ -403,7 +406,9 @@ def run_shards(
         if info.get("error"):
             raise JobError(f"a worker could not load the model: {info['error']}")
         start_deaths = 0
-        worker.info, worker.placed = info, True
+        if not worker.placed:  # its load answered first
+            worker.placed, worker.placed_at = True, time.monotonic()
+        worker.info = info
         starting.discard(worker)
         pool.add(worker)
         outcome.infos.append(info)

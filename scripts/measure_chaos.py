@@ -5,7 +5,8 @@
 The issue's scenario: 96 questions, shards of 4, 2 workers of 1 CPU, 16 new tokens, one worker
 process (a random one) SIGKILLed every `--every` seconds from `--first-kill` seconds after the
 start, while loading its model or scoring. Prints, per run: exit code, seconds, kills, rows,
-error rows and the deaths the summary counts. Every run should end 0 with no error rows.
+error rows, the deaths the summary counts and the file holding the job's messages, each with its
+second. Every run should end 0 with no error rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,10 +45,19 @@ def run(model: str, seed: int, first_kill: float, every: float, folder: Path) ->
     output = folder / f"answers-{seed}.parquet"
     options = ["--shard-size", "4", "--workers", "2", "--cpus-per-worker", "1", "--max-new-tokens", "16"]
     command = [sys.executable, "-c", "from bulkscore.jobs.cli import cli; cli()", "run", str(questions)]
-    command += ["--model", model, "-o", str(output), *options, "--overwrite", "--quiet"]
+    command += ["--model", model, "-o", str(output), *options, "--overwrite"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     started = time.monotonic()
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []  # the job's messages, each with its second since the start
+
+    def read() -> None:
+        for line in job.stderr:  # the progress bar's redraws (after each \r) left out
+            text = [part for part in line.split("\r") if part.strip() and not part.startswith("scoring:")]
+            said.extend(f"{time.monotonic() - started:7.1f} {part.rstrip()}\n" for part in text)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     pick, kills, next_kill = random.Random(seed), 0, started + first_kill
     while job.poll() is None:
         if time.monotonic() >= next_kill:
@@ -56,7 +67,11 @@ def run(model: str, seed: int, first_kill: float, every: float, folder: Path) ->
                 kills += 1
             next_kill += every
         time.sleep(0.1)
-    stderr = job.communicate()[1]
+    job.wait()
+    reader.join()
+    log = folder / f"messages-{seed}.txt"
+    log.write_text("".join(said))
+    stderr = "".join(said)
     summary = json.loads(output.with_suffix(".summary.json").read_text()) if job.returncode == 0 else {}
     return {
         "exit": job.returncode,
@@ -65,6 +80,7 @@ def run(model: str, seed: int, first_kill: float, every: float, folder: Path) ->
         "rows": summary.get("samples"),
         "errors": summary.get("errors"),
         "deaths": summary.get("worker_deaths"),
+        "messages": str(log),
         **({"stderr": stderr[-500:]} if job.returncode else {}),
     }
 
