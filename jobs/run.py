@@ -259,6 +259,10 @@ def score_on_ray(
                         on_ready=on_ready,
                         room=RayRoom(pool, options.address),
                         schema=schema,
+                        # A private instance's CPUs are all the job's: a spare may wait on none.
+                        start_spare=start_workers(pool, model, spec.scoring, spare=True)
+                        if is_private(options.address) and not pool.gpus_per_worker
+                        else None,
                     )
             except RayError as error:  # the cluster itself failed (the head lost, the connection cut)
                 lines = str(error).strip().splitlines() or [type(error).__name__]

@@ -127,14 +127,16 @@ def chance_of(deaths: int, surprise: float) -> float:
     return min(1.0, below)
 
 
-def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings) -> Callable[[], Any]:
-    """A function that starts one actor (and returns at once: Ray places it when it can)."""
+def start_workers(plan: PoolPlan, model: ModelSpec, scoring: ScoringSettings, spare: bool = False) -> Callable[[], Any]:
+    """A function that starts one actor (and returns at once: Ray places it when it can). A `spare`
+    asks Ray for no CPU: it waits, loaded, to take a dead worker's place and its CPUs (on a private
+    instance, whose CPUs are all the job's)."""
     import ray
 
     # The shards in flight on a worker run at once, so that its engine refills one's free decode
     # slots with the other's rows; one more thread answers progress probes while they run.
     scorer = ray.remote(ShardScorer).options(
-        num_cpus=plan.cpus_per_worker,
+        num_cpus=0 if spare else plan.cpus_per_worker,
         num_gpus=plan.gpus_per_worker,
         max_restarts=0,
         max_concurrency=IN_FLIGHT_PER_WORKER + 1,
@@ -253,9 +255,14 @@ def run_shards(
     room: Room | None = None,
     ray_api=None,
     schema: pa.Schema = RESULT_SCHEMA,
+    start_spare: Callable[[], Any] | None = None,
 ) -> Outcome:
     """Score every task on `workers` actors made by `start_one`, replaced as they die or hang; a row
     given up gets result rows in `schema` (the job's task's).
+
+    With `start_spare`, once a worker has died one spare is kept loading or loaded beside the pool,
+    holding no work: the next worker that dies is replaced by it at once, not after a whole start-up
+    (a process's boot, its imports and its model's load), and a new spare starts in its place.
 
     `tasks` is drawn as workers free up, so it may be a generator over an input larger than memory.
     The driver's work per finished piece does not grow with the number of shards. `ray_api` stands
@@ -284,6 +291,7 @@ def run_shards(
     upcoming: deque[Work] = deque()  # the next fresh piece, drawn but not placed yet
     pool = Pool()
     starting: set[Worker] = set()  # not loaded yet: placed or waiting for room
+    spares: set[Worker] = set()  # loading or loaded, no work: the next dead worker's replacement
     owner: dict = {}  # shard ref -> (worker, work)
     calls: dict = {}  # where/load/progress ref -> (kind, worker)
     numbers = itertools.count(1)
@@ -298,11 +306,24 @@ def run_shards(
         calls[ref] = (kind, worker)
         worker.refs.add(ref)
 
-    def start() -> None:
-        worker = Worker(start_one(), next(numbers), time.monotonic())
+    def start(spare: bool = False) -> None:
+        worker = Worker((start_spare if spare else start_one)(), next(numbers), time.monotonic())
         call(worker, "where", worker.actor.where.remote())
         call(worker, "load", worker.actor.load.remote())
-        starting.add(worker)
+        (spares if spare else starting).add(worker)
+
+    def replace() -> None:
+        """A dead worker's replacement: the spare, loaded or not, else a fresh one; then a new spare."""
+        if spares:
+            spare = spares.pop()
+            if spare.info is None:
+                starting.add(spare)
+            else:
+                pool.add(spare)
+        else:
+            start()
+        if start_spare is not None and not spares:
+            start(spare=True)
 
     def next_piece() -> Work | None:
         if again:
@@ -355,8 +376,10 @@ def run_shards(
         background.seconds += worker.ordinary_s(now)
         ordinary = worker.suspect_since is None
         background.deaths += ordinary
+        was_spare = worker in spares
         pool.remove(worker)
         starting.discard(worker)
+        spares.discard(worker)
         for ref in worker.refs:
             calls.pop(ref, None)
         ray_api.kill(worker.actor)
@@ -381,7 +404,7 @@ def run_shards(
                 f"A worker {what} running rows {task.start}-{task.stop - 1} of shard {task.index}; "
                 f"starting a replacement ({cause})"
             )
-            rate = background.rate(now, [*pool.workers, *starting], blamed.background)
+            rate = background.rate(now, [*pool.workers, *starting, *spares], blamed.background)
             retry, given_up = after_death(
                 blamed, cause, len(unfinished) == 1, num_samples, schema, now - blamed.launched, rate
             )
@@ -394,12 +417,16 @@ def run_shards(
             suspects.extendleft(reversed(retry + unfinished[1:]))
         else:
             when = "while starting" if worker.info is None else "while idle"
-            say(f"A worker died {when}; starting a replacement ({cause})")
+            what = "The spare worker" if was_spare else "A worker"
+            say(f"{what} died {when}; starting {'another' if was_spare else 'a replacement'} ({cause})")
             if worker.info is None:
                 start_deaths += 1
                 if start_deaths >= max(5, 2 * workers) and not pool.workers:
                     raise JobError(room.start_failure(cause))
-        start()
+        if was_spare:
+            start(spare=True)
+        else:
+            replace()
 
     def loaded(worker: Worker, info: dict) -> None:
         nonlocal start_deaths
@@ -409,9 +436,11 @@ def run_shards(
         if not worker.placed:  # its load answered first
             worker.placed, worker.placed_at = True, time.monotonic()
         worker.info = info
+        outcome.infos.append(info)
+        if worker in spares:
+            return
         starting.discard(worker)
         pool.add(worker)
-        outcome.infos.append(info)
         on_ready(info)
 
     def heard_from(worker: Worker, progress: int) -> None:
@@ -507,7 +536,7 @@ def run_shards(
             raise
         raise JobError(room.start_failure(death_cause(error))) from None
     finally:
-        for worker in [*starting, *pool.workers]:
+        for worker in [*starting, *pool.workers, *spares]:
             try:
                 ray_api.kill(worker.actor)
             except Exception:  # the connection may be gone already: the error that ended the job matters

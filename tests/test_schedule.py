@@ -171,6 +171,7 @@ class SimActor:
         self.sim, self.dead, self.hung, self.calls, self.placed_at = sim, False, False, 0, None
         self.number = len(sim.actors)
         self.scored: list[int] = []
+        self.died_at: float | None = None
         sim.actors.append(self)
         self.where = Method(lambda: Call(lambda: self.dead or self.placed(), lambda: self.reply({})))
         self.load = Method(lambda: Call(self.loaded_or_dead, self.load_reply))
@@ -208,7 +209,7 @@ class SimActor:
         self.scored.append(task.start)
         if any(r in self.sim.kills or r in self.sim.kill_once for r in rows):
             self.sim.kill_once -= set(rows)
-            self.dead = True
+            self.dead, self.died_at = True, started
         if any(r in self.sim.hangs for r in rows):
             self.hung = True
         return Call(
@@ -271,7 +272,7 @@ def sim_shard(index: int, size: int) -> ShardTask:
     return ShardTask(index, index * size, (index + 1) * size, rows)
 
 
-def simulate(sim: Sim, shards: int, size: int = 1, workers: int = 3, **patience):
+def simulate(sim: Sim, shards: int, size: int = 1, workers: int = 3, spare: bool = False, **patience):
     """Run `shards` shards of `size` rows on `workers` simulated workers: (each row's error, messages, outcome)."""
     errors: dict[int, str] = {}
     said: list[str] = []
@@ -290,6 +291,7 @@ def simulate(sim: Sim, shards: int, size: int = 1, workers: int = 3, **patience)
         workers,
         Patience(**({"placement_s": 5.0, "hang_s": 5.0} | patience)),
         ray_api=sim,
+        start_spare=sim.actor if spare else None,
     )
     assert sorted(errors) == list(range(shards * size))
     return errors, said, outcome
@@ -360,11 +362,27 @@ def test_a_cancelled_creation_ray_reports_elsewhere_is_the_start_failure():
 
 
 def test_random_deaths_condemn_no_row():
-    """Workers killed at random, often: every row is scored, none given up; shards split on the way."""
-    sim = Sim(room=3, score_s=0.02, murder_every_s=0.03, seed=1)
-    errors, _, outcome = simulate(sim, 100, size=4, workers=3)
-    assert sim.murders >= 10 and outcome.deaths >= 10
-    assert set(errors.values()) == {"ok"}
+    """Workers killed at random, often: every row is scored, none given up; shards split on the way.
+    The same with a spare beside the pool, which is killed at random too."""
+    for spare in (False, True):
+        sim = Sim(room=4, score_s=0.02, murder_every_s=0.03, seed=1)
+        errors, _, outcome = simulate(sim, 100, size=4, workers=3, spare=spare)
+        assert sim.murders >= 10 and outcome.deaths >= 10
+        assert set(errors.values()) == {"ok"}
+
+
+def test_a_dead_worker_is_replaced_at_once_by_the_spare_loaded_since_the_first_death():
+    """One worker, a load that takes 30 pieces' time: the first death starts a fresh worker and the
+    spare; at the second, the spare, loaded by then, takes the dead worker's place at once: it runs
+    the dead worker's row again, having loaded before that worker died."""
+    sim = Sim(room=3, load_s=0.3, score_s=0.01)
+    sim.kill_once = {2, 6}
+    errors, said, outcome = simulate(sim, 10, workers=1, spare=True)
+    assert set(errors.values()) == {"ok"} and outcome.deaths == 2
+    first, second = [a for a in sim.actors if 6 in a.scored]
+    assert second.placed_at + sim.load_s <= first.died_at
+    assert len(sim.actors) == 4  # the first worker, its replacement, the spare, the spare's successor
+    assert sum(s.startswith("A worker died running rows") for s in said) == 2
 
 
 def test_heavy_churn_with_slow_loads_condemns_no_row_over_many_runs():
