@@ -336,6 +336,33 @@ def test_a_decode_call_has_the_smallest_height_that_holds_its_rows(any_lm):
         assert [getattr(g, column) for g in few] == [getattr(g, column) for g in alone[:3]], column
 
 
+def test_products_run_below_128_rows_only_where_this_cpu_gives_each_row_its_bits_there(any_lm):
+    """The load's check (models.row_invariant_heights) finds whether each packed product gives every
+    row the same bits at 16, 32 and 64 rows as at 128 on this CPU; only then do decode calls' products
+    run at their own height (AMX in bfloat16 differs, so it pads to 128). A product whose last bits
+    move with its rows, as AMX's do, is caught."""
+    from bulkscore.workers.models import PackedLinear, row_invariant_heights
+    from bulkscore.workers.tiles import decode_heights
+
+    model, scale = any_lm.model, any_lm.tile_scale
+    heights = decode_heights(128 * scale, scale, fixed_products=True)  # 16, 32, 64 and 128 times the scale
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    with torch.inference_mode():
+        found = row_invariant_heights(model, heights)
+        for module in packed:
+            x = torch.randn(module.rows, module.in_features).to(any_lm.dtype)
+            same = all(torch.equal(module.product(x[:h].contiguous()), module.product(x)[:h]) for h in heights)
+            assert same or not found, (module.in_features, module.out_features)
+        assert all(m.heights == (heights if found else (m.rows,)) for m in packed)
+        first = packed[0]
+        plain = first.product
+        first.product = lambda x: plain(x) * (1 + 2**-7 * (x.shape[0] < first.rows))  # last bits move with rows
+        try:
+            assert not row_invariant_heights(model, heights)
+        finally:
+            del first.product
+
+
 # Kernels that add many numbers: their order of additions may follow the shapes they are given.
 REDUCING_OPS = {
     "mm",

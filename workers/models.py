@@ -7,6 +7,7 @@ import inspect
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,14 @@ class PackedLinear(torch.nn.Module):
     Every product runs at `rows` rows ([rows, in]): fewer are padded with zero rows, more are cut into
     pieces of `rows`. oneDNN's kernels choose their arithmetic by the rows they are given (measured on
     AMX in bfloat16: products of 16 and 32 rows differ from those of 128 in the last bits), so a
-    decode call of any tile height (workers.tiles.decode_heights) meets the same products."""
+    decode call of any tile height (workers.tiles.decode_heights) meets the same products. Where
+    `heights` holds more than `rows` (the load's check found each row's bits the same at each of them
+    on this CPU, row_invariant_heights), fewer rows are padded only to the next of them."""
 
     def __init__(self, linear: torch.nn.Linear, keep_weight: bool, rows: int = PACK_ROWS) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rows = linear.in_features, linear.out_features, rows
+        self.heights: tuple[int, ...] = (rows,)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         self.bias = linear.bias
         # The output layer keeps its weight for losses.fused_nll where that scores (half precision; no
@@ -168,8 +172,9 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features)  # [M, in]
         count = flat.shape[0]
-        if count != self.rows:
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, -count % self.rows))  # [rows x pieces, in]
+        height = next(h for h in self.heights if h >= count) if count < self.rows else self.rows
+        if count != height:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, -count % height))  # [height x pieces, in]
         out = (
             torch.cat([self.product(piece) for piece in flat.split(self.rows)])
             if count > self.rows
@@ -181,6 +186,27 @@ class PackedLinear(torch.nn.Module):
         """The product at x's own rows: for calls whose rows are fixed by design whatever the batch
         (a prefill tile's last tokens, [16 rows, hidden]), which need no padding to 128."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def row_invariant_heights(model: torch.nn.Module, heights: Sequence[int]) -> bool:
+    """Whether each of the model's packed products gives every row the same bits at each of `heights`
+    rows as at its full rows, on this CPU's kernels at this thread count (random inputs in the model's
+    dtype). oneDNN chooses its arithmetic by the rows it is given, and that choice differs by CPU:
+    measured in bfloat16, AMX's products of 16 and 32 rows differ from those of 128 in the last bits,
+    AVX512-BF16's without AMX (an AMD EPYC) do not, and run ~5x faster at 16 rows."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            shapes.setdefault((module.in_features, module.out_features, module.rows), module)
+    for module in shapes.values():
+        x = torch.randn(module.rows, module.in_features, generator=generator).to(dtype)
+        full = module.product(x)  # [rows, out]
+        for height in heights:
+            if height < module.rows and not torch.equal(module.product(x[:height].contiguous()), full[:height]):
+                return False
+    return True
 
 
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
@@ -285,6 +311,13 @@ def load_model(spec: ModelSpec, plain_float32_head: bool = False) -> LoadedModel
     if packed:
         plain_head = plain_float32_head and dtype == torch.float32
         pack_weights(model, keep_head=dtype != torch.float32, pack_head=not plain_head, rows=PACK_ROWS * scale)
+        from bulkscore.workers.tiles import decode_heights  # tiles imports this module
+
+        heights = decode_heights(PACK_ROWS * scale, scale, fixed_products=True)
+        if row_invariant_heights(model, heights):
+            for module in model.modules():
+                if isinstance(module, PackedLinear):
+                    module.heights = heights
     done("pack_s")
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
