@@ -85,6 +85,12 @@ def token_mode_works(address: str) -> bool:
     return probe.returncode != 3
 
 
+def connected_already() -> bool:
+    """Whether this process is connected to Ray already (a notebook, a test): ray_session keeps that."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[str]:
     """Connected to Ray for the block; a private instance listens on 127.0.0.1 with no dashboard.

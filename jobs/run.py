@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from bulkscore.jobs.cluster import RayRoom, is_private, plan_pool, ray_session, watching_the_head
+from bulkscore.jobs.cluster import (
+    RayRoom,
+    connected_already,
+    is_private,
+    plan_pool,
+    ray_session,
+    watching_the_head,
+)
 from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.gather import (
     FOLDER_MANIFEST,
@@ -189,6 +196,8 @@ def score_on_ray(
 
     samples, task = spec.scoring.generation.num_samples, spec.scoring.task
     schema = result_schema(task)
+    # A spare may wait on no CPU only on an instance this job starts: its CPUs are all the job's.
+    own_instance = is_private(options.address) and not connected_already()
     with ray_session(options.address) as where:
         from ray.exceptions import RayError  # only now: ray_session sets Ray's mode before its import
 
@@ -259,9 +268,8 @@ def score_on_ray(
                         on_ready=on_ready,
                         room=RayRoom(pool, options.address),
                         schema=schema,
-                        # A private instance's CPUs are all the job's: a spare may wait on none.
                         start_spare=start_workers(pool, model, spec.scoring, spare=True)
-                        if is_private(options.address) and not pool.gpus_per_worker
+                        if own_instance and not pool.gpus_per_worker
                         else None,
                     )
             except RayError as error:  # the cluster itself failed (the head lost, the connection cut)

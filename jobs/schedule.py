@@ -443,6 +443,17 @@ def run_shards(
         pool.add(worker)
         on_ready(info)
 
+    def count_the_dead() -> None:
+        """At the end, a worker that died idle (the spare, or one with nothing left to do) has no call
+        to fail: each loaded one is asked once, so that every death is counted."""
+        probes = {w.actor.progress.remote(): w for w in [*pool.workers, *spares] if w.info is not None}
+        ready = ray_api.wait(list(probes), num_returns=len(probes), timeout=2.0)[0] if probes else []
+        for ref in ready:
+            try:
+                ray_api.get(ref)
+            except died:
+                outcome.deaths += 1
+
     def heard_from(worker: Worker, progress: int) -> None:
         worker.probe = None
         if progress != worker.calls:
@@ -459,6 +470,10 @@ def run_shards(
             elif worker.probe is None and now - worker.probed >= patience.probe_s:
                 worker.probe, worker.probed = worker.actor.progress.remote(), now
                 call(worker, "progress", worker.probe)
+        for worker in [w for w in spares if w.info is not None and w.probe is None]:
+            # A loaded spare has no call that its death would fail: asked how it is, so its death is seen.
+            worker.probe = worker.actor.progress.remote()
+            call(worker, "progress", worker.probe)
         for worker in [w for w in starting if w.placed and now - w.placed_at > patience.placement_s]:
             lose(worker, f"hung: its model did not load in {patience.placement_s:g} s")
         waiting = [w for w in starting if not w.placed]
@@ -489,6 +504,7 @@ def run_shards(
         while True:
             fill()
             if not owner and not suspects and next_piece() is None:
+                count_the_dead()
                 break
             now = time.monotonic()
             if now - checked >= CHECK_EVERY_S:
