@@ -40,6 +40,7 @@ IN_FLIGHT_PER_WORKER = 2
 ROW_DEATHS = 3  # unexplained deaths while a single row ran alone before it is given up
 MAX_ROW_DEATHS = 10  # deaths alone that give a row up whatever the job's background deaths
 CHANCE = 1e-4  # deaths that random ones would match this rarely are the row's
+SUSPECT_CHANCE = 1e-2  # a piece whose deaths random ones would match more often goes on with the others
 WAIT_S = 0.5
 CHECK_EVERY_S = 0.5  # how often workers' progress and the cluster's room are looked at
 SAY_WAITING_AFTER_S = 3.0  # a worker not placed this long is worth a message
@@ -67,6 +68,8 @@ class Work:
     alone: int = 0  # workers that died or hung while this piece ran alone
     around: int = 0  # workers that died or hung while this piece (or one holding it) ran
     died: int = 0  # of `alone`, the deaths (not hangs)
+    doubted: int = 0  # deaths while it ran beside others, before it was a suspect
+    doubt: float = 0.0  # their surprise (as `surprise`)
     surprise: float = 0.0  # -log of the product of the chances that random deaths came as early
     background: int = 0  # deaths counted in the job's background that happened while it (or one holding it) ran
     launched: float = 0.0
@@ -158,21 +161,36 @@ def after_death(
     worker-second cannot explain; see the module's text): its result rows in `schema`."""
     work.around += 1
     if not alone or not work.suspect:
-        work.suspect = True
+        doubt(work, cause, ran_s, rate)
         return [work], None
     work.alone += 1
     if work.task.size > 1:
         halves = work.task.halves()
         return [Work(h, suspect=True, around=work.around, background=work.background) for h in halves], None
     if what_happened(cause) == "died":
-        chance = -math.expm1(-rate * ran_s)  # that a random death comes within ran_s
-        work.died, work.surprise = work.died + 1, work.surprise + (-math.log(chance) if chance > 0 else math.inf)
+        work.died, work.surprise = work.died + 1, work.surprise + surprise(ran_s, rate)
     random_ones = work.died if chance_of(work.died, work.surprise) >= CHANCE else 0
     if work.alone - random_ones < ROW_DEATHS and work.alone < MAX_ROW_DEATHS:
         return [work], None
     what = what_happened(cause)
     message = f"worker {what}: {work.alone} workers {what} running this row alone, {work.around} in all (last: {cause})"
     return [], error_result(work.task, num_samples, message, schema)
+
+
+def surprise(ran_s: float, rate: float) -> float:
+    """-log of the chance that a random death, at `rate` deaths per worker-second, comes within ran_s."""
+    chance = -math.expm1(-rate * ran_s)
+    return -math.log(chance) if chance > 0 else math.inf
+
+
+def doubt(work: Work, cause: str, ran_s: float, rate: float) -> None:
+    """A piece that ran beside others when its worker died (or hung) becomes a suspect, to run alone,
+    once chance would bring its deaths that soon less than once in 1/SUSPECT_CHANCE (at once in a calm
+    job, and after a hang); until then it goes on with the others, which under churn keeps every
+    worker running two pieces instead of one."""
+    work.doubted += 1
+    work.doubt += math.inf if what_happened(cause) == "hung" else surprise(ran_s, rate)
+    work.suspect = chance_of(work.doubted, work.doubt) < SUSPECT_CHANCE
 
 
 def what_happened(cause: str) -> str:
@@ -410,11 +428,13 @@ def run_shards(
             )
             if given_up is not None:
                 on_result(blamed.task, given_up)
-            # The others that ran beside it are suspects too (a culprit running second would
+            # The others that ran beside it are doubted too (a culprit running second would
             # otherwise go on killing workers while its neighbour takes the blame), unblamed.
             for piece in unfinished[1:]:
-                piece.suspect = True
-            suspects.extendleft(reversed(retry + unfinished[1:]))
+                doubt(piece, cause, now - piece.launched, rate)
+            again_now = retry + unfinished[1:]
+            suspects.extendleft(reversed([p for p in again_now if p.suspect]))
+            again.extendleft(reversed([p for p in again_now if not p.suspect]))
         else:
             when = "while starting" if worker.info is None else "while idle"
             what = "The spare worker" if was_spare else "A worker"
