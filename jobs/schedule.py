@@ -5,18 +5,22 @@ loaded worker is given work, so one that Ray cannot place holds none and the job
 others until room comes (a node added back, an autoscaler). A worker that dies, at any moment, or
 that stops making progress (hangs) is replaced; it costs only its in-flight shards, which run again.
 
-Rows are given up only on evidence: the piece that was running when its worker died is a suspect
-and runs alone from then on; a suspect piece whose worker dies again is split in halves, and a
-single row is given up after ROW_DEATHS deaths while it ran alone, each on a fresh worker, that
-chance cannot explain. Chance is the job's background death rate: the deaths of workers that ran
-no suspect (loading, idle or running ordinary pieces), less those that ran this row, per second
-the workers lived so once placed. A worker that dies
-`t` seconds into a row's run is hit that early by chance with probability 1 - exp(-rate * t); the
-row's deaths are its own where chance would bring them all that early less than once in 1/CHANCE
-(Fisher's method over its deaths). A hang is the driver's own finding and always counts. With no
-deaths around, a row is given up after ROW_DEATHS deaths alone, as a poison row should be; under
-churn (spot preemptions, out-of-memory kills elsewhere) a row is given up only if its workers die
-sooner and more often than the others do, or after MAX_ROW_DEATHS deaths alone whatever the others.
+Rows are given up only on evidence, and the evidence is weighed against chance: the job's
+background death rate, the deaths of workers that ran no suspect (loading, idle or running
+ordinary pieces), less those that ran the piece judged, per second the workers lived so once
+placed. A worker that dies `t` seconds into a piece's run is hit that early by chance with
+probability 1 - exp(-rate * t); over several deaths, Fisher's method gives how often chance would
+bring them all that early.
+
+The piece that was running when its worker died becomes a suspect, and runs alone from then on,
+once that chance is below SUSPECT_CHANCE (at once in a calm job, or after a hang); until then it is
+retried beside the others. A suspect piece whose worker dies again is split in halves, and a single
+row is given up after ROW_DEATHS deaths while it ran alone, each on a fresh worker, where chance
+would bring them less than once in 1/CHANCE, or after MAX_ROW_DEATHS deaths alone whatever the
+others. A hang is the driver's own finding and always counts. With no deaths around, a poison row
+is given up after ROW_DEATHS deaths alone; under churn (spot preemptions, out-of-memory kills
+elsewhere) a row is suspected and given up only if its workers die sooner and more often than the
+others do.
 """
 
 from __future__ import annotations
