@@ -15,12 +15,15 @@ from torch.utils._pytree import tree_flatten
 
 from bulkscore.workers.contract import (
     INPUT_SCHEMA,
+    REQUEST,
+    REQUEST_TYPE,
     GenerationSettings,
     GradingSettings,
     ModelSpec,
     PromptSettings,
     ScoringSettings,
     ShardTask,
+    input_schema,
 )
 from bulkscore.workers.generation import Engine, gumbel_noise
 from bulkscore.workers.models import load_model
@@ -142,7 +145,7 @@ def test_raw_loss_where_the_last_two_tokens_merge_comes_from_generation(lm, monk
     merged = lm.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     assert len(merged) == 1 and merged != [198]
 
-    def scripted(chooser, logits, steps, generators, rows=None):  # the script's token at each step
+    def scripted(chooser, logits, steps, generators, rows=None, settings=None):  # the script's token at each step
         return torch.tensor([script[min(int(step), len(script) - 1)] for step in steps])
 
     real, scored = Engine.span_nll, []
@@ -974,3 +977,50 @@ def test_a_request_whose_prefix_call_fails_gets_the_error_not_a_hang(lm, monkeyp
             result.result(timeout=60)
     finally:
         caller.shutdown(wait=False)
+
+
+def request_task(requests: list[dict], start: int = 0) -> ShardTask:
+    """A shard of OpenAI Batch requests (contract.REQUEST_TYPE): each its own prompt and settings."""
+    full = [dict.fromkeys(REQUEST_TYPE.names) | r for r in requests]
+    question = [r["prompt"] or r["messages"][-1]["content"] for r in full]
+    rows = pa.table(
+        {
+            "row": list(range(start, start + len(requests))),
+            "question": question,
+            "reference": [None] * len(requests),
+            REQUEST: full,
+        },
+        schema=input_schema("generate", requests=True),
+    )
+    return ShardTask(0, start, start + len(requests), rows)
+
+
+def test_each_requests_own_settings_give_it_the_same_numbers_beside_any_others(any_lm):
+    """Greedy and sampled rows of other temperatures, top-p, lengths and stops in one decode tile:
+    every row's samples, completions and losses are what it gets alone (a row's number is its own)."""
+    chat = "/v1/chat/completions"
+    requests = [
+        {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[0]["question"]}]},
+        {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[1]["question"]}], "temperature": 0.7, "n": 3},
+        {"url": "/v1/completions", "prompt": QUESTIONS[2]["question"], "temperature": 1.3, "top_p": 0.8, "seed": 5},
+        {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[3]["question"]}], "max_tokens": 4},
+        {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[4]["question"]}], "stop": ["a", "e"]},
+        {"url": "/v1/completions", "prompt": QUESTIONS[5]["question"], "top_p": 0.5, "temperature": 0.9, "n": 2},
+    ]
+    together = score_shard(any_lm, request_task(requests), settings(max_new_tokens=10)).to_pylist()
+    assert [(r["row"], r["sample"]) for r in together] == [(0, 0), (1, 0), (1, 1), (1, 2), (2, 0), (3, 0), (4, 0)] + [
+        (5, 0),
+        (5, 1),
+    ]
+    alone = [
+        r
+        for i, request in enumerate(requests)
+        for r in score_shard(any_lm, request_task([request], start=i), settings(max_new_tokens=10)).to_pylist()
+    ]
+    columns = ("completion", "loss", "completion_loss", "num_completion_tokens", "finish_reason", "error")
+    for a, b in zip(together, alone):
+        assert [a[c] for c in columns] == [b[c] for c in columns], (a["row"], a["sample"])
+    assert all(r["error"] is None for r in together)
+    assert together[5]["num_completion_tokens"] <= 4
+    assert not any(ch in together[6]["completion"] for ch in "ae")
+    assert len({r["completion"] for r in together[1:4]}) > 1  # sampled

@@ -88,6 +88,11 @@ class ShardTask:
     def size(self) -> int:
         return self.stop - self.start
 
+    def pairs(self, num_samples: int) -> list[tuple[int, int]]:
+        """Its (row, sample) pairs, in order: `num_samples` per row, or a request's own `n`."""
+        counts = row_samples(self.rows, num_samples)
+        return [(row, s) for row, n in zip(range(self.start, self.stop), counts) for s in range(n)]
+
     def halves(self) -> tuple[ShardTask, ShardTask]:
         mid = self.start + self.size // 2
         return (
@@ -107,8 +112,39 @@ TASK_INPUTS = {
 }
 
 
-def input_schema(task: str) -> pa.Schema:
-    return pa.schema(list(INPUT_SCHEMA) + TASK_INPUTS[task])
+# A request from an OpenAI Batch file (jobs.openai_batch reads them): its prompt, as chat turns
+# (/v1/chat/completions) or text (/v1/completions), and its own settings over the job's (null: the
+# job's). `unsupported` says what it asks for that bulkscore does not do: the row's error.
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+REQUEST_TYPE = pa.struct(
+    [
+        ("url", pa.string()),
+        ("model", pa.string()),
+        ("messages", pa.list_(MESSAGE_TYPE)),
+        ("prompt", pa.string()),
+        ("max_tokens", pa.int64()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("seed", pa.int64()),
+        ("n", pa.int64()),
+        ("stop", pa.list_(pa.string())),
+        ("unsupported", pa.string()),
+    ]
+)
+REQUEST = "request"  # the column that holds them, in the input and in a generate shard's rows
+
+
+def input_schema(task: str, requests: bool = False) -> pa.Schema:
+    """A shard's rows for the task; `requests`: with each row's OpenAI Batch request (generate)."""
+    return pa.schema(list(INPUT_SCHEMA) + TASK_INPUTS[task] + ([(REQUEST, REQUEST_TYPE)] if requests else []))
+
+
+def row_samples(rows: pa.Table, num_samples: int) -> list[int]:
+    """How many samples each of a shard's rows has: its request's `n` where it gives one, else the job's."""
+    if REQUEST not in rows.column_names:
+        return [num_samples] * rows.num_rows
+    asked = rows.column(REQUEST).combine_chunks().field("n").to_pylist()
+    return [num_samples if n is None else n for n in asked]
 
 
 # What an actor returns for a shard: one row per (input row, sample), keyed by `row`.
@@ -177,10 +213,11 @@ def shard_timings(result: pa.Table) -> dict[str, float]:
 
 def error_result(task: ShardTask, num_samples: int, error: str, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
     """Result rows for a piece that could not be scored at all: every (row, sample) gets `error`."""
-    n = task.size * num_samples
+    pairs = task.pairs(num_samples)
+    n = len(pairs)
     columns = {name: [None] * n for name in schema.names}
-    columns["row"] = [r for r in range(task.start, task.stop) for _ in range(num_samples)]
-    columns["sample"] = [s for _ in range(task.start, task.stop) for s in range(num_samples)]
+    columns["row"] = [r for r, _ in pairs]
+    columns["sample"] = [s for _, s in pairs]
     for name in ("num_prompt_tokens", "num_completion_tokens"):
         if name in columns:
             columns[name] = [0] * n
@@ -207,7 +244,7 @@ def check_result(task: ShardTask, result: pa.Table, num_samples: int, schema: pa
     result = result.sort_by([("row", "ascending"), ("sample", "ascending")])
     rows = result.column("row").to_pylist()
     samples = result.column("sample").to_pylist()
-    expected = [(r, s) for r in range(task.start, task.stop) for s in range(num_samples)]
+    expected = task.pairs(num_samples)
     if list(zip(rows, samples)) != expected:
         got = set(zip(rows, samples))
         missing = [k for k in expected if k not in got][:5]

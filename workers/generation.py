@@ -50,6 +50,10 @@ class Request:
     prompt: tuple[int, ...]
     seed: int = 0  # from sample_seed, when sampling
     continuation: tuple[int, ...] | None = None  # tokens to score after the prompt (the reference)
+    # This request's own max_new_tokens, temperature, top_p and stop (an OpenAI Batch request's);
+    # None: the engine's. min_new_tokens and batch_size are the engine's whatever it says.
+    settings: GenerationSettings | None = None
+    score_prompt: bool | None = None  # its prompt's own NLLs are wanted (None: as the engine's score_prompts says)
 
 
 @dataclass(frozen=True)
@@ -91,46 +95,64 @@ def gumbel_noise(generators: Sequence[torch.Generator | None], vocab: int, devic
 NUCLEUS_CANDIDATES = 256  # the most likely tokens, where a row's top-p set is looked for first
 
 
-def top_p_filter(scores: torch.Tensor, top_p: float, rows: Sequence[int] | None = None) -> torch.Tensor:
+def top_p_filter(
+    scores: torch.Tensor, top_p: float | Sequence[float], rows: Sequence[int] | None = None
+) -> torch.Tensor:
     """scores: [R, V]. Each row's scores outside its nucleus set to -inf: the most likely tokens whose
     probability mass ahead of them is under top_p (so at least the likeliest). Found among the
     NUCLEUS_CANDIDATES likeliest tokens (a top-k, ~20x cheaper than sorting 49,152 scores per row),
-    by a sort of the whole row where the nucleus is larger than that; only for `rows` (default: all)."""
+    by a sort of the whole row where the nucleus is larger than that; only for `rows` (default: all).
+    `top_p`: one for all rows, or each row's; a row's at 1 or more leaves it as it is."""
+    each = [float(top_p)] * scores.shape[0] if isinstance(top_p, (int, float)) else [float(p) for p in top_p]
+    limit = torch.tensor(each, dtype=scores.dtype, device=scores.device)[:, None]  # [R, 1]
     probs = torch.softmax(scores, dim=-1)
     top, where = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # [R, k], descending
     ahead = top.cumsum(dim=-1) - top
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, where, ahead < top_p)
-    wide = (ahead[:, -1] + top[:, -1] < top_p).nonzero().flatten().tolist()
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, where, ahead < limit)
+    wide = (ahead[:, -1:] + top[:, -1:] < limit).flatten().nonzero().flatten().tolist()
     for row in wide if rows is None else sorted(set(wide) & set(rows)):
         ranked, order = probs[row].sort(descending=True)
-        keep[row] = torch.zeros_like(keep[row]).scatter_(0, order, ranked.cumsum(dim=0) - ranked < top_p)
+        keep[row] = torch.zeros_like(keep[row]).scatter_(0, order, ranked.cumsum(dim=0) - ranked < each[row])
+    keep[[row for row, p in enumerate(each) if p >= 1]] = True
     return scores.masked_fill(~keep, -float("inf"))
 
 
 class Chooser:
-    """Picks each row's next token from its raw logits: argmax, or (sampling) argmax of the
-    temperature- and top-p-filtered logits plus the row's own Gumbel noise. End-of-sequence is
-    barred until a row has min_new_tokens."""
+    """Picks each row's next token from its raw logits: argmax, or (a sampling row: one with a
+    generator) argmax of its temperature- and top-p-filtered logits plus its own Gumbel noise.
+    Every operation is row by row, so a greedy row gets its argmax beside sampling rows, and a
+    sampling row its draw beside rows of other temperatures. End-of-sequence is barred until a row
+    has min_new_tokens."""
 
     def __init__(self, settings: GenerationSettings, eos_ids: Sequence[int]) -> None:
         self.min_new_tokens, self.eos = settings.min_new_tokens, list(eos_ids)
-        self.sampling = not settings.greedy
-        self.temperature, self.top_p = settings.temperature, settings.top_p
+        self.settings = settings
 
     def __call__(
-        self, logits: torch.Tensor, steps: torch.Tensor, generators: Sequence, rows: Sequence[int] | None = None
+        self,
+        logits: torch.Tensor,
+        steps: torch.Tensor,
+        generators: Sequence,
+        rows: Sequence[int] | None = None,
+        settings: Sequence[GenerationSettings | None] | None = None,
     ) -> torch.Tensor:
-        """logits: [R, V] float32; steps: [R] tokens each row has so far; generators: each row's, when
-        sampling; rows: those whose choice is wanted (default: all). Returns [R] token ids."""
+        """logits: [R, V] float32; steps: [R] tokens each row has so far; generators: each sampling
+        row's (None for the others); rows: those whose choice is wanted (default: all); settings:
+        each row's own temperature and top_p (default, or None: the job's). Returns [R] token ids."""
         scores = logits
         barred = (steps < self.min_new_tokens)[:, None]  # [R, 1]
         if self.eos and bool(barred.any()):
             scores = scores.clone()
             scores[:, self.eos] = torch.where(barred, -float("inf"), scores[:, self.eos])
-        if self.sampling:
-            scores = scores / self.temperature
-            if self.top_p < 1:
-                scores = top_p_filter(scores, self.top_p, rows)
+        if any(g is not None for g in generators):
+            each = settings or [None] * len(generators)
+            own = [(s or self.settings) if g is not None else None for g, s in zip(generators, each)]
+            # Greedy rows divide by 1 and add no noise: their argmax is unchanged, bit for bit.
+            temperature = [s.temperature if s is not None else 1.0 for s in own]
+            scores = scores / torch.tensor(temperature, dtype=scores.dtype, device=scores.device)[:, None]
+            top_p = [s.top_p if s is not None else 1.0 for s in own]
+            if min(top_p) < 1:
+                scores = top_p_filter(scores, top_p, rows)
             scores = scores + gumbel_noise(generators, scores.shape[-1], scores.device)
         return scores.argmax(dim=-1)
 
@@ -188,8 +210,14 @@ class Running:
     generator: torch.Generator | None
     continuation_nll: float | None
     prompt_nlls: tuple[float, ...] | None
+    settings: GenerationSettings  # the request's own, else the job's
     tokens: list[int] = field(default_factory=list)
     nlls: list[float] = field(default_factory=list)
+
+    @property
+    def stop_tail(self) -> int:
+        """How many of the last tokens can hold a stop string (0: no stop strings)."""
+        return 2 * max(map(len, self.settings.stop)) + 4 if self.settings.stop else 0
 
 
 @dataclass
@@ -234,8 +262,6 @@ class Decoder:
         self.previous: torch.Tensor | None = None  # [R, V]: the logits before those (merged_tail)
         self.fresh: set[int] = set()  # slots whose logits no token was chosen from yet
         self.chooser = Chooser(settings, lm.eos_token_ids)
-        # Tokens that can hold a stop string.
-        self.stop_tail = 2 * max(map(len, settings.stop)) + 4 if settings.stop else 0
         self.merges: dict[tuple[int, int], int | None] = {}  # merged_tail's answers, by token pair
 
     @property
@@ -341,7 +367,8 @@ class Decoder:
             chunks(fed, shared, self.prefill.width),
             [piece for piece, _ in chunks(following, 0, self.prefill.width)],
             prompt_last=len(own) - 1,
-            scores_prompt=self.score_prompts and not shared,
+            scores_prompt=(self.score_prompts if first.request.score_prompt is None else first.request.score_prompt)
+            and not shared,
             continued=bool(tail),
         )
         if shared:
@@ -399,10 +426,11 @@ class Decoder:
             mean = sum(continuation) / len(continuation) if continuation else None
             prompt_nlls = tuple(run.nlls[: run.prompt_last]) if run.scores_prompt else None
             for pending, slot in zip(run.pendings, slots):
+                settings = pending.request.settings or self.settings
                 generator = None
-                if not self.settings.greedy:
+                if not settings.greedy:
                     generator = torch.Generator(device=self.lm.device).manual_seed(pending.request.seed)
-                self.slots[slot] = Running(pending, generator, mean, prompt_nlls)
+                self.slots[slot] = Running(pending, generator, mean, prompt_nlls, settings)
 
     def choose(self) -> None:
         """Each fresh slot's next token, from its logits; rows that end leave their slot."""
@@ -411,10 +439,11 @@ class Decoder:
         if not running:
             return
         # Other slots count as done, so that no end-of-sequence bar is computed for them.
-        steps = torch.full((self.decode.rows,), self.settings.max_new_tokens, device=self.logits.device)
+        steps = torch.full((self.decode.rows,), self.settings.min_new_tokens, device=self.logits.device)
         steps[running] = torch.tensor([len(self.slots[slot].tokens) for slot in running], device=steps.device)
         generators = [run.generator if run and slot in fresh else None for slot, run in enumerate(self.slots)]
-        chosen = self.chooser(self.logits, steps, generators, running)  # [R]
+        settings = [run.settings if run else None for run in self.slots]
+        chosen = self.chooser(self.logits, steps, generators, running, settings)  # [R]
         nll = -torch.log_softmax(self.logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)  # [R]
         eos = self.lm.eos_token_ids
         for slot, token, value in zip(running, chosen[running].tolist(), nll[running].tolist()):
@@ -422,15 +451,15 @@ class Decoder:
             run.tokens.append(token)
             run.nlls.append(value)
             stopped = False
-            if self.stop_tail:
-                tail = self.lm.tokenizer.decode(run.tokens[-self.stop_tail :], skip_special_tokens=True)
-                stopped = cut_at_stop(tail, self.settings.stop)[1]
-            if token in eos or stopped or len(run.tokens) == self.settings.max_new_tokens:
+            if run.stop_tail:
+                tail = self.lm.tokenizer.decode(run.tokens[-run.stop_tail :], skip_special_tokens=True)
+                stopped = cut_at_stop(tail, run.settings.stop)[1]
+            if token in eos or stopped or len(run.tokens) == run.settings.max_new_tokens:
                 run.pending.batch.finish(run.pending.index, self.finish(run, slot))
                 self.slots[slot] = None
 
     def finish(self, run: Running, slot: int) -> Generated:
-        g = trim_completion(run.tokens, self.lm, self.settings)
+        g = trim_completion(run.tokens, self.lm, run.settings)
         kept = run.nlls[: len(g.token_ids)]
         merged = (
             self.merged_tail(g.token_ids, slot) if run.prompt_nlls is not None and g.finish_reason == "length" else None
@@ -516,7 +545,8 @@ class Engine:
         with self.condition:
             for i in order:
                 request = requests[i]
-                need = len(request.prompt) + max(self.settings.max_new_tokens, len(request.continuation or ()))
+                longest = (request.settings or self.settings).max_new_tokens
+                need = len(request.prompt) + max(longest, len(request.continuation or ()))
                 length = cache_length(need)
                 if length not in self.decoders:
                     self.decoders[length] = Decoder(self.lm, length, self.settings, self.prefix, self.score_prompts)

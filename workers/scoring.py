@@ -10,14 +10,23 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import pyarrow as pa
 import torch
 
 from bulkscore.workers.answers import grade, parse_answer, parse_number
-from bulkscore.workers.contract import RESULT_SCHEMA, TIMINGS_KEY, ScoringSettings, ShardTask
+from bulkscore.workers.contract import (
+    REQUEST,
+    RESULT_SCHEMA,
+    TIMINGS_KEY,
+    GenerationSettings,
+    PromptSettings,
+    ScoringSettings,
+    ShardTask,
+    row_samples,
+)
 from bulkscore.workers.generation import Engine, Generated, Request, sample_seed
 from bulkscore.workers.models import LoadedModel
 from bulkscore.workers.prompts import encode_texts, format_prompt, shared_start
@@ -34,11 +43,26 @@ class Item:
     sample: int
     question: str | None
     reference: str | None
+    request: dict | None = None  # its OpenAI Batch request (contract.REQUEST_TYPE), if it came as one
     prompt: str | None = None
+    raw: bool = False  # the prompt is text as given (no chat template): `loss` scores what generation runs
     prompt_ids: list[int] | None = None
     reference_seq: list[int] | None = None  # prompt + reference, tokenized together
     generated: Generated | None = None
     error: str | None = None
+
+    @property
+    def settings(self) -> dict:
+        """The request's own generation settings, by GenerationSettings' names (none: the job's)."""
+        request = self.request or {}
+        own = {
+            "max_new_tokens": request.get("max_tokens"),
+            "temperature": request.get("temperature"),
+            "top_p": request.get("top_p"),
+            "stop": None if request.get("stop") is None else tuple(request["stop"]),
+            "seed": request.get("seed"),
+        }
+        return {name: value for name, value in own.items() if value is not None}
 
     @property
     def reference_ids(self) -> list[int] | None:
@@ -78,32 +102,65 @@ def per_row_fallback(fn: Callable[[list[In]], list[Out]], inputs: list[In]) -> l
     return results
 
 
+def prompt_text(lm: LoadedModel, item: Item, settings: ScoringSettings) -> tuple[str, bool]:
+    """(the item's prompt, whether it is raw text): its request's chat turns through the model's chat
+    template, or its request's text as it is; else its question in the job's prompt format."""
+    request = item.request
+    if request is not None and request["messages"] is not None:
+        messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
+        return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    if request is not None and request["prompt"] is not None:
+        return request["prompt"], True
+    return format_prompt(lm.tokenizer, item.question, settings.prompt), settings.prompt.format == "raw"
+
+
+def encode(lm: LoadedModel, texts: Sequence[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of (text, raw) pairs: one tokenizer call for the raw ones, one for the rest."""
+    ids: list[list[int] | None] = [None] * len(texts)
+    for raw in (True, False):
+        where = [i for i, (_, r) in enumerate(texts) if r == raw]
+        format = PromptSettings("raw" if raw else "chat")
+        for i, tokens in zip(where, encode_texts(lm.tokenizer, [texts[i][0] for i in where], format)):
+            ids[i] = tokens
+    return ids
+
+
 def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
     """Each item's prompt and its tokens, and prompt + reference's: one tokenizer call for all the
     shard's prompts, one for all its references (a question's samples share theirs)."""
-    limit = lm.context_length - settings.generation.max_new_tokens
-    valid = []
+    valid, texts = [], {}
     for item in items:
-        if item.question is None or not item.question.strip():
+        if item.request is not None and item.request["unsupported"] is not None:
+            item.error = f"unsupported request: {item.request['unsupported']}"
+        elif item.question is None or not item.question.strip():
             item.error = "empty question"
         else:
-            valid.append(item)
-    questions = list(dict.fromkeys(item.question for item in valid))
-    texts = [format_prompt(lm.tokenizer, q, settings.prompt) for q in questions]
-    prompts = dict(zip(questions, zip(texts, encode_texts(lm.tokenizer, texts, settings.prompt))))
-    pairs = list(dict.fromkeys((item.question, item.reference) for item in valid if item.reference is not None))
-    joined = encode_texts(lm.tokenizer, [prompts[q][0] + r for q, r in pairs], settings.prompt)
-    references = dict(zip(pairs, joined))
+            try:
+                texts[id(item)] = prompt_text(lm, item, settings)
+                valid.append(item)
+            except Exception as error:  # a chat template that refuses these turns: this row's error
+                item.error = f"chat template failed: {describe(error)}"
+    unique = list(dict.fromkeys(texts.values()))
+    prompts = dict(zip(unique, encode(lm, unique)))
+    pairs = list(dict.fromkeys((texts[id(item)], item.reference) for item in valid if item.reference is not None))
+    references = dict(zip(pairs, encode(lm, [(text + r, raw) for (text, raw), r in pairs])))
     for item in valid:
-        item.prompt, item.prompt_ids = prompts[item.question]
+        (item.prompt, item.raw), item.prompt_ids = texts[id(item)], prompts[texts[id(item)]]
         if item.reference is not None:
-            item.reference_seq = references[(item.question, item.reference)]
-        if len(item.prompt_ids) > limit:
+            item.reference_seq = references[(texts[id(item)], item.reference)]
+        longest = item.settings.get("max_new_tokens", settings.generation.max_new_tokens)
+        if len(item.prompt_ids) > lm.context_length - longest:
+            asked = "the request's max_tokens" if "max_new_tokens" in item.settings else "--max-new-tokens"
             item.error = (
-                f"prompt too long: {len(item.prompt_ids)} tokens; with --max-new-tokens "
-                f"{settings.generation.max_new_tokens} that exceeds the model's context of "
-                f"{lm.context_length} tokens"
+                f"prompt too long: {len(item.prompt_ids)} tokens; with {asked} {longest} that exceeds "
+                f"the model's context of {lm.context_length} tokens"
             )
+
+
+def own_settings(item: Item, job: GenerationSettings) -> GenerationSettings | None:
+    """The item's request's generation settings over the job's; None where it sets none."""
+    own = {name: value for name, value in item.settings.items() if name != "seed"}
+    return replace(job, **own) if own else None
 
 
 def generate_items(engine: Engine, items: Sequence[Item], settings: ScoringSettings) -> None:
@@ -115,8 +172,11 @@ def generate_items(engine: Engine, items: Sequence[Item], settings: ScoringSetti
             [
                 Request(
                     tuple(x.prompt_ids),
-                    sample_seed(gen.seed, x.row, x.sample),
+                    sample_seed(x.settings.get("seed", gen.seed), x.row, x.sample),
                     None if x.reference_ids is None else tuple(x.reference_ids),
+                    own_settings(x, gen),
+                    # A request's text prompt is raw whatever the job's format (Engine's score_prompts).
+                    score_prompt=x.raw if x.request is not None else None,
                 )
                 for x in xs
             ]
@@ -237,10 +297,11 @@ def score_shard(lm: LoadedModel, task: ShardTask, settings: ScoringSettings, eng
     summed over a worker's shards, its whole time, counted once."""
     engine = engine or shard_engine(lm, settings)
     rows = task.rows.to_pylist()
+    counts = row_samples(task.rows, settings.generation.num_samples)
     items = [
-        Item(row=r["row"], sample=s, question=r["question"], reference=r["reference"])
-        for r in rows
-        for s in range(settings.generation.num_samples)
+        Item(row=r["row"], sample=s, question=r["question"], reference=r["reference"], request=r.get(REQUEST))
+        for r, n in zip(rows, counts)
+        for s in range(n)
     ]
     with torch.inference_mode():
         with engine.tokenizer:
