@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from bulkscore.jobs.errors import JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS, Export, export_answers
 from bulkscore.jobs.gather import read_output
+from bulkscore.jobs.hfdatasets import dataset_table, to_dataset
+from bulkscore.jobs.openai_batch import other_models
 from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions, task_columns
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
@@ -37,6 +40,9 @@ from bulkscore.workers.contract import (
 )
 from bulkscore.workers.prompts import PROMPT_FORMATS
 
+if TYPE_CHECKING:
+    import datasets
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BUNDLED = "(bundled unit conversions)"
@@ -48,7 +54,8 @@ class Result:
     input order) and `summary` (the figures `OUTPUT.summary.json` holds).
 
     With an output, `table` is read from it when first asked for: a job larger than memory returns
-    at once, and its rows can be read piecewise from the output instead."""
+    at once, and its rows can be read piecewise from the output instead. `to_dataset()` returns
+    `table` as a Hugging Face `datasets.Dataset` (it needs the datasets package)."""
 
     summary: dict
     already_finished: bool = False  # `output` already held this job's results: nothing was scored
@@ -58,6 +65,10 @@ class Result:
     @cached_property
     def table(self) -> pa.Table:
         return self.rows if self.rows is not None else read_output(self.output)
+
+    def to_dataset(self) -> datasets.Dataset:
+        """`table` as a `datasets.Dataset`, e.g. to `push_to_hub` or `save_to_disk` it."""
+        return to_dataset(self.table)
 
     def __repr__(self) -> str:
         return f"Result({self.summary.get('samples')} rows, accuracy={self.summary.get('accuracy')})"
@@ -74,6 +85,7 @@ def run(
     question_column: str | None = None,
     answer_column: str | None = None,
     id_column: str | None = None,
+    split: str | None = None,
     choices_column: str | None = None,
     continuation_column: str | None = None,
     choice_delimiter: str = " ",
@@ -108,7 +120,8 @@ def run(
     """Score a model on questions: the job `bulkscore run` runs, from Python.
 
     `inputs`: a path or a list of paths (JSONL, JSON, Parquet), a pyarrow Table, a pandas
-    DataFrame or a list of dicts; None scores the bundled unit-conversion set. `task`: generate
+    DataFrame, a `datasets.Dataset` (or the folder its `save_to_disk` wrote; a DatasetDict's:
+    choose its `split`) or a list of dicts; None scores the bundled unit-conversion set. `task`: generate
     (an answer per row, graded), or score given text as lm-evaluation-harness does: choice (a
     `choices` column), loglikelihood (a `continuation` column), perplexity (a `text` column);
     `prompt_format` defaults to chat for generate, raw (lm-eval's) for the others. The keywords are
@@ -154,9 +167,14 @@ def run(
         limit=limit,
     )
     paths = sources or [bundled_questions()]
-    questions = load_questions(paths, Columns(question_column, answer_column, id_column, task), limit)
+    questions = load_questions(paths, Columns(question_column, answer_column, id_column, task, split), limit)
     where = ", ".join(map(str, paths))
     extra = pa.table(task_columns(questions, task, where, choices_column, continuation_column))
+    if named := other_models(questions, spec.model_name):
+        say(
+            f"Warning: the requests name {', '.join(named[:3])}{'...' if len(named) > 3 else ''}; "
+            f"bulkscore ignores a request's model and runs {spec.model_name} (--model) for all of them"
+        )
     say(
         f"Read {questions.num_rows} {'questions' if task == 'generate' else 'rows'} in {time.perf_counter() - started:.1f} s"
     )
@@ -177,6 +195,8 @@ def question_sources(inputs) -> list[Source]:
         return []
     if isinstance(inputs, (str, os.PathLike)):
         return [input_path(inputs)]
+    if type(inputs).__module__.split(".")[0] == "datasets" and (table := dataset_table(inputs)) is not None:
+        return [InMemory("the Dataset given", table)]
     if isinstance(inputs, pa.Table):
         return [InMemory("the table given", inputs)]
     if type(inputs).__module__.split(".")[0] == "pandas":  # a DataFrame; pandas itself is not needed
@@ -188,7 +208,7 @@ def question_sources(inputs) -> list[Source]:
         return [input_path(item) for item in items]
     raise UsageError(
         "INPUTS",
-        "give a path, a list of paths, a pyarrow Table, a pandas DataFrame or a list of dicts, "
+        "give a path, a list of paths, a pyarrow Table, a pandas DataFrame, a datasets.Dataset or a list of dicts, "
         f"not {type(inputs).__name__}{' (empty)' if items == [] else ''}",
     )
 
@@ -218,6 +238,7 @@ def is_number(value) -> bool:
 OPTION_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("task", lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
     ("limit", lambda v: v is None or is_whole(v, 1), "a whole number of at least 1"),
+    ("split", lambda v: v is None or (isinstance(v, str) and v != ""), "a split's name"),
     ("dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("device", lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     ("prompt_format", lambda v: v in PROMPT_FORMATS, f"one of {', '.join(PROMPT_FORMATS)}"),
@@ -247,6 +268,9 @@ def check_run(options: dict) -> None:
             raise UsageError(option(name), f"{options[name]!r} is not {what}")
     if options["output"] is not None and "://" not in str(options["output"]):
         check_local_output(Path(options["output"]))
+    if options["output"] is not None and str(options["output"]).lower().endswith(".jsonl"):
+        if options["task"] != "generate":
+            raise UsageError("--output", "an OpenAI Batch output (.jsonl) holds generated completions: --task generate")
     if options["min_new_tokens"] > options["max_new_tokens"]:
         raise UsageError(
             "--min-new-tokens", f"{options['min_new_tokens']} is more than --max-new-tokens {options['max_new_tokens']}"

@@ -86,7 +86,8 @@ def cli() -> None:
     "--output",
     default="answers.parquet",
     show_default=True,
-    help="Output Parquet file: a path, or a filesystem URI such as s3://bucket/answers.parquet.",
+    help="Output Parquet file (a path, or a filesystem URI such as s3://bucket/answers.parquet), a folder "
+    "(a path ending in /), or an OpenAI Batch output file (a path ending in .jsonl).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output or the checkpoints of another job.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N rows.")
@@ -110,6 +111,10 @@ def cli() -> None:
     help="Column with the reference answer [default: first of answer, reference, target, correct_answer].",
 )
 @click.option("--id-column", help="Column with the row id [default: id, else the row's 0-based index].")
+@click.option(
+    "--split",
+    help="The split to score of a DatasetDict folder (DatasetDict.save_to_disk) [default: its only split].",
+)
 @click.option("--choices-column", help="choice: the column with each row's list of choices [default: choices].")
 @click.option(
     "--continuation-column",
@@ -214,7 +219,7 @@ def cli() -> None:
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary still prints.")
 def run(inputs, output, **options):
-    """Score INPUTS (JSONL, JSON or Parquet; none: the bundled unit-conversion set).
+    """Score INPUTS (JSONL, JSON, Parquet or a datasets save_to_disk folder; none: the bundled set).
 
     Writes one row per input row and sample to OUTPUT, and OUTPUT's .summary.json beside it.
     Running the same command again resumes from the finished shards. From Python: bulkscore.run.

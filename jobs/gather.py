@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.storage import Location
@@ -40,8 +41,13 @@ CONTRACT_COLUMNS = contract_columns()  # generate's
 
 
 def summary_path(output: Location) -> Location:
-    stem = output.name.removesuffix(".parquet")
+    stem = output.name.removesuffix(".parquet").removesuffix(".jsonl")
     return output.sibling(stem + ".summary.json")
+
+
+def is_batch_output(output: Location) -> bool:
+    """An output written as an OpenAI Batch output file (jobs.openai_batch): a path ending in .jsonl."""
+    return output.name.lower().endswith(".jsonl")
 
 
 def shard_rows(questions: pa.Table, result: pa.Table, task: str = "generate") -> pa.Table:
@@ -369,6 +375,9 @@ def read_finished(output: Location) -> tuple[dict, dict] | None:
         if not (summary.exists() and manifest.exists()):
             return None
         return json.loads(manifest.read_bytes())["settings"], json.loads(summary.read_bytes())
+    if is_batch_output(output):  # its summary is written once the file is whole
+        summary = summary_path(output)
+        return ({}, json.loads(summary.read_bytes())) if summary.exists() and output.exists() else None
     try:
         metadata = output.read_metadata()
     except (OSError, pa.ArrowException):
@@ -379,7 +388,11 @@ def read_finished(output: Location) -> tuple[dict, dict] | None:
 
 
 def read_output(output: Location) -> pa.Table:
-    """A finished OUTPUT's rows, a file or a folder (whose `_`-files pyarrow skips)."""
+    """A finished OUTPUT's rows, a file or a folder (whose `_`-files pyarrow skips); a batch output's
+    lines, a row per request."""
+    if is_batch_output(output):
+        with output.open_input() as stream:
+            return pa_json.read_json(stream)
     return pq.read_table(output.path, filesystem=output.fs).replace_schema_metadata(None)
 
 

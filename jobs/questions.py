@@ -1,4 +1,5 @@
-"""Read question sets (JSONL, JSON, Parquet) into one table {id, question, reference, *others}.
+"""Read question sets (JSONL, JSON, Parquet; OpenAI Batch files, jobs.openai_batch; folders that
+Hugging Face datasets saved, jobs.hfdatasets) into one table {id, question, reference, *others}.
 
 JSON may be an array of objects or the homework's array of `[question, answer(, reasoning)]`.
 Several inputs are concatenated in the order given; ids come from the id column, or are the rows'
@@ -19,9 +20,12 @@ import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from bulkscore.jobs import hfdatasets
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.gather import ANSWER_INDEX, contract_columns
+from bulkscore.jobs.openai_batch import is_batch_file, read_batch_file
 from bulkscore.jobs.storage import Location, locate
+from bulkscore.workers.contract import REQUEST, REQUEST_TYPE
 
 QUESTION_COLUMNS = ("question", "prompt", "input")
 # Where each task finds its question (a choice's or a continuation's context; perplexity's text).
@@ -61,6 +65,7 @@ class Columns:
     answer: str | None = None
     id: str | None = None
     task: str = "generate"  # which columns are looked for (TASK_QUESTION_COLUMNS, ANSWERED_TASKS)
+    split: str | None = None  # a saved DatasetDict's split (--split); None: its only one
 
 
 def bundled_questions() -> Path:
@@ -157,18 +162,20 @@ def read_parquet(path: Location) -> pa.Table:
         raise InputError(f"{path}: not a readable Parquet file or folder ({error})") from None
 
 
-def read_file(path: Location) -> pa.Table | list[dict]:
+def read_file(path: Location, split: str | None = None) -> pa.Table | list[dict]:
     try:
         kind = path.kind()
     except (OSError, pa.ArrowException) as error:
         raise InputError(f"{path}: cannot read ({error})") from None
     if kind == pafs.FileType.NotFound:
-        raise InputError(f"{path}: no such file or folder")
+        raise InputError(f"{path}: no such file or folder{hfdatasets.hub_hint(path)}")
     suffix = PurePosixPath(path.path).suffix.lower()
+    if kind == pafs.FileType.Directory and hfdatasets.saved_kind(path):  # written by datasets' save_to_disk
+        return hfdatasets.read_saved(path, split)
     if kind == pafs.FileType.Directory or suffix in (".parquet", ".pq"):
         return read_parquet(path)
     if suffix in (".jsonl", ".ndjson"):
-        return read_jsonl(path)
+        return read_batch_file(path, read_text(path)) if is_batch_file(path) else read_jsonl(path)
     if suffix == ".json":
         return read_json(path)
     raise InputError(f"{path}: unsupported format {suffix or '(no suffix)'}; use .jsonl, .json or .parquet")
@@ -277,7 +284,7 @@ def can_type(values: list) -> bool:
 
 
 def load_file(path: Source, columns: Columns) -> dict:
-    data = path.data if isinstance(path, InMemory) else read_file(path)
+    data = path.data if isinstance(path, InMemory) else read_file(path, columns.split)
     names = column_names(data)
     if not names:
         raise InputError(f"{path}: no rows")
@@ -333,6 +340,7 @@ def load_questions(paths: Sequence[Source | str], columns: Columns = Columns(), 
     Columns stay Arrow arrays throughout: no Python object per row for text and integer columns."""
     sources = [as_source(p) for p in paths]
     parts = [load_file(source, columns) for source in sources]
+    hfdatasets.check_split(sources, columns.split)
     total = sum(p["rows"] for p in parts)
     if total == 0:
         raise InputError(f"{', '.join(map(str, sources))}: no rows")
@@ -363,6 +371,9 @@ def task_columns(
             "choices": choices_column(questions, choices or "choices", where),
             "answer_index": questions[ANSWER_INDEX],
         }
+    if task == "generate" and REQUEST in questions.column_names:
+        if questions.schema.field(REQUEST).type == REQUEST_TYPE:  # OpenAI Batch requests (jobs.openai_batch)
+            return {REQUEST: questions.column(REQUEST)}
     if task == "loglikelihood":
         name = continuation or "continuation"
         column = task_column(questions, name, where, "--continuation-column", "the text scored after each context")

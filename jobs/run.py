@@ -25,6 +25,7 @@ from bulkscore.jobs.errors import JobError
 from bulkscore.jobs.gather import (
     FOLDER_MANIFEST,
     Tally,
+    is_batch_output,
     is_folder,
     read_finished,
     shard_rows,
@@ -34,12 +35,21 @@ from bulkscore.jobs.gather import (
     write_file_output,
     write_summary,
 )
+from bulkscore.jobs.openai_batch import write_batch_output
 from bulkscore.jobs.parts import MemoryStore, PartStore
 from bulkscore.jobs.progress import announcer, progress_bar
 from bulkscore.jobs.schedule import Patience
 from bulkscore.jobs.settings import JobSpec, fingerprint
 from bulkscore.jobs.shards import Shard, plan_shards
-from bulkscore.workers.contract import ShardTask, check_result, input_schema, result_schema, shard_timings
+from bulkscore.workers.contract import (
+    REQUEST,
+    ShardTask,
+    check_result,
+    input_schema,
+    result_schema,
+    row_samples,
+    shard_timings,
+)
 from bulkscore.workers.embedded import cache_root, embedded_gguf, is_prepared
 
 
@@ -77,7 +87,8 @@ def shard_task(
     }
     if extra is not None:
         columns |= {name: column for name, column in zip(extra.column_names, extra.slice(start, stop - start).columns)}
-    return ShardTask(index=index, start=start, stop=stop, rows=pa.table(columns, schema=input_schema(task)))
+    schema = input_schema(task, requests=REQUEST in columns)
+    return ShardTask(index=index, start=start, stop=stop, rows=pa.table(columns, schema=schema))
 
 
 def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> dict | None:
@@ -157,6 +168,11 @@ def run_job(
             tally.add(part)
         summary = summary_of(tally)
         write_summary(output, summary)
+    elif is_batch_output(output):
+        about_job = spec.settings() | {"model_name": spec.model_name, "fingerprint": job_fingerprint}
+        summary = write_batch_output(store.parts(plan), output, about_job, summary_of)
+        if not options.keep_parts:
+            store.remove()
     else:
         summary = write_file_output(store.parts(plan), output, spec.settings(), summary_of)
         if not options.keep_parts:
@@ -215,8 +231,11 @@ def score_on_ray(
         timings = {"startup_s": None} | dict.fromkeys(model_time, 0.0)
         shards = {s.index: s for s in todo}
         pieces: dict[int, list[pa.Table]] = defaultdict(list)
-        total = questions.num_rows * samples
-        with progress_bar(total, total - sum(s.rows for s in todo) * samples, options.quiet) as bar:
+        # (row, sample) pairs in all, and in each shard to do: a request's own n over --num-samples
+        counts = row_samples(extra if extra is not None else questions.select([]), samples)
+        total = sum(counts)
+        expected = {s.index: sum(counts[s.start : s.stop]) for s in todo}
+        with progress_bar(total, total - sum(expected.values()), options.quiet) as bar:
             tell = announcer(say)
 
             def on_ready(info: dict) -> None:
@@ -236,7 +255,7 @@ def score_on_ray(
                         timings[name] = round(timings[name] + seconds, 3)
                 bar.update(result.num_rows)
                 shard = shards[piece.index]
-                if sum(p.num_rows for p in pieces[piece.index]) == shard.rows * samples:
+                if sum(p.num_rows for p in pieces[piece.index]) == expected[piece.index]:
                     whole = pa.concat_tables(pieces.pop(piece.index)).sort_by(
                         [("row", "ascending"), ("sample", "ascending")]
                     )

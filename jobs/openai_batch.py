@@ -1,0 +1,301 @@
+"""OpenAI Batch files: requests in (the format vLLM's `run_batch` also reads), responses out.
+
+A request line is `{"custom_id", "method": "POST", "url", "body"}` for /v1/chat/completions (`body.messages`)
+or /v1/completions (`body.prompt`). It becomes one input row: `custom_id` is its id, its prompt and
+its own settings (max_tokens or max_completion_tokens, temperature, top_p, seed, n, stop) go in the
+row's `request` column (contract.REQUEST_TYPE), and its question is the prompt (completions) or the
+last user turn (chat), what `loss` scores. A setting the request leaves out is the command's. A line
+that is not a well-formed request fails the job before any work, naming the line; a well-formed
+request that asks for what bulkscore does not do (tools, images, logprobs, penalties...) becomes
+that row's `error`.
+
+An output written as a batch file has one line per request, in input order, in the Batch API's
+output shape; each choice carries the output columns bulkscore adds under `bulkscore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bulkscore.jobs.errors import InputError
+from bulkscore.jobs.gather import Tally, tally_for, write_summary
+from bulkscore.jobs.storage import Location
+from bulkscore.workers.contract import REQUEST, REQUEST_TYPE
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Body fields bulkscore reads; and those it may ignore while they hold these (OpenAI's defaults).
+READ = {
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "n",
+    "stop",
+}
+IGNORABLE = {
+    "user": None,
+    "metadata": None,
+    "store": None,
+    "service_tier": None,
+    "stream": (False,),
+    "stream_options": (None,),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+    "frequency_penalty": (0, None),
+    "presence_penalty": (0, None),
+    "logit_bias": ({}, None),
+    "echo": (False, None),
+    "best_of": (1, None),
+    "response_format": ({"type": "text"}, None),
+    "parallel_tool_calls": None,  # meaningful only with tools, which are refused
+}
+EXTRA = "bulkscore"  # the key, in each output choice, of the output columns the Batch API has no place for
+EXTRA_COLUMNS = ("sample", "answer_text", "answer", "is_correct", "loss", "completion_loss", "reference_loss")
+
+
+def is_batch_file(path: Location) -> bool:
+    """Whether a JSONL file's first object is an OpenAI Batch request (custom_id and body), read from
+    its first 64 KiB."""
+    try:
+        with path.open_input() as stream:
+            head = stream.read(1 << 16)
+    except (OSError, pa.ArrowException):  # the question file reader names what is wrong
+        return False
+    first = next((line for line in head.split(b"\n") if line.strip()), b"")
+    try:
+        data = json.loads(first)
+    except ValueError:  # not JSON, or a first line longer than that: a question file's reader decides
+        return False
+    return isinstance(data, dict) and "custom_id" in data and "body" in data
+
+
+def read_batch_file(path: Location, text: str) -> pa.Table:
+    """The file's requests as rows {id, question, request}, checked line by line."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            rows.append(read_request(line, f"{path}, line {number}"))
+    if not rows:
+        raise InputError(f"{path}: no requests")
+    return pa.Table.from_pylist(
+        rows, schema=pa.schema([("id", pa.string()), ("question", pa.string()), (REQUEST, REQUEST_TYPE)])
+    )
+
+
+def read_request(line: str, where: str) -> dict:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a request object, got {type(data).__name__}")
+    custom_id, body = data.get("custom_id"), data.get("body")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InputError(f"{where}: custom_id must be a non-empty string")
+    if data.get("method", "POST") != "POST":
+        raise InputError(f"{where}: method {data['method']!r}; Batch requests are POST")
+    if not isinstance(body, dict):
+        raise InputError(f"{where}: body must be an object (the request's JSON body)")
+    url = data.get("url")
+    if not isinstance(url, str):
+        raise InputError(f"{where}: url must be a string, e.g. {CHAT!r}")
+    request = dict.fromkeys(REQUEST_TYPE.names) | {"url": url}
+    unsupported = []
+    if url == CHAT:
+        request["messages"], question = chat_turns(body.get("messages"), where, unsupported)
+    elif url == COMPLETIONS:
+        request["prompt"] = question = completion_prompt(body.get("prompt"), where, unsupported)
+    else:
+        unsupported.append(f"url {url}: bulkscore runs {CHAT} and {COMPLETIONS} requests")
+        question = None
+    request |= body_settings(body, where)
+    for name, value in body.items():
+        if name in READ:
+            continue
+        if name not in IGNORABLE:
+            unsupported.append(f"body.{name}")
+        elif IGNORABLE[name] is not None and value not in IGNORABLE[name]:
+            unsupported.append(f"body.{name} = {json.dumps(value)[:40]}")
+    if unsupported:
+        request["unsupported"] = "; ".join(unsupported) + " (bulkscore generates text and computes losses only)"
+    return {"id": custom_id, "question": question, REQUEST: request}
+
+
+def chat_turns(messages: object, where: str, unsupported: list[str]) -> tuple[list[dict] | None, str | None]:
+    """A chat body's messages as (role, text) turns, and the last user turn's text (the question)."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: body.messages must be a non-empty list of messages")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InputError(f"{where}: body.messages[{i}] must be an object with a role")
+        role = message["role"]
+        if role not in ROLES or message.get("tool_calls") or message.get("function_call"):
+            unsupported.append(f"body.messages[{i}] (a {role} message{' with tool calls' if role in ROLES else ''})")
+            continue
+        text = content_text(message.get("content"), f"{where}: body.messages[{i}].content", unsupported)
+        turns.append({"role": ROLES[role], "content": text})
+    if unsupported:
+        return None, None
+    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), None)
+    return turns, question
+
+
+def content_text(content: object, where: str, unsupported: list[str]) -> str:
+    """A message's content as text: a string, or a list of text parts (joined); other parts refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InputError(f"{where} must be a string or a list of content parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise InputError(f"{where}: each content part must be an object")
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            unsupported.append(f"content part of type {part.get('type')!r}")
+    return "".join(texts)
+
+
+def completion_prompt(prompt: object, where: str, unsupported: list[str]) -> str | None:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        unsupported.append("body.prompt as a list of prompts or of token ids (give one text per request)")
+        return None
+    raise InputError(f"{where}: body.prompt must be a string")
+
+
+def body_settings(body: dict, where: str) -> dict:
+    """The body's generation settings, checked: what bulkscore's own options would accept."""
+
+    def whole(name: str, least: int) -> int | None:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise InputError(f"{where}: body.{name} must be a whole number of at least {least}, not {value!r}")
+        return value
+
+    def number(name: str, holds: Callable[[float], bool], what: str) -> float | None:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not holds(value)):
+            raise InputError(f"{where}: body.{name} must be {what}, not {value!r}")
+        return None if value is None else float(value)
+
+    max_tokens, max_completion = whole("max_tokens", 1), whole("max_completion_tokens", 1)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise InputError(
+            f"{where}: body.max_tokens {max_tokens} and body.max_completion_tokens {max_completion} differ"
+        )
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+        raise InputError(f"{where}: body.stop must be a non-empty string or a list of them, not {json.dumps(stop)}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InputError(f"{where}: body.model must be a string")
+    return {
+        "model": model,
+        "max_tokens": max_completion if max_tokens is None else max_tokens,
+        "temperature": number("temperature", lambda v: v >= 0, "a number of at least 0"),
+        "top_p": number("top_p", lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
+        "seed": whole("seed", -(2**63)),
+        "n": whole("n", 1),
+        "stop": stop or None,
+    }
+
+
+def other_models(questions: pa.Table, model: str) -> list[str]:
+    """The models the requests name other than the one the job runs, if they came as requests."""
+    if REQUEST not in questions.column_names or questions.schema.field(REQUEST).type != REQUEST_TYPE:
+        return []
+    named = pc.unique(questions.column(REQUEST).combine_chunks().field("model")).drop_null().to_pylist()
+    return sorted(m for m in named if m != model)
+
+
+def output_lines(part: pa.Table, model: str, job: str, chat: bool, created: int) -> Iterator[str]:
+    """The Batch API output lines of one part (rows in the output contract, a row's samples together):
+    one per input row. `chat`: the endpoint of rows that did not come as requests."""
+    columns = part.to_pydict()
+    asked = REQUEST in part.column_names and part.schema.field(REQUEST).type == REQUEST_TYPE
+    requests = columns[REQUEST] if asked else None
+    n, start = part.num_rows, 0
+    while start < n:
+        stop = start + 1
+        while stop < n and columns["id"][stop] == columns["id"][start]:
+            stop += 1
+        request = requests[start] if requests else None
+        yield json.dumps(output_line(columns, range(start, stop), request, model, job, chat, created))
+        start = stop
+
+
+def output_line(columns: dict, rows: range, request: dict | None, model: str, job: str, chat: bool, created: int):
+    first = rows[0]
+    custom_id = str(columns["id"][first])
+    tag = hashlib.sha256(f"{job}:{custom_id}".encode()).hexdigest()[:24]
+    line = {"id": f"batch_req_{tag}", "custom_id": custom_id}
+    errors = [columns["error"][r] for r in rows if columns["error"][r] is not None]
+    if errors:
+        kind = errors[0].split(":", 1)[0]
+        return line | {"response": None, "error": {"code": kind.replace(" ", "_"), "message": errors[0]}}
+    is_chat = request["url"] == CHAT if request else chat
+    choices = []
+    for r in rows:
+        choice = {"index": columns["sample"][r], "logprobs": None, "finish_reason": columns["finish_reason"][r]}
+        if is_chat:
+            choice["message"] = {"role": "assistant", "content": columns["completion"][r]}
+        else:
+            choice["text"] = columns["completion"][r]
+        choices.append(choice | {EXTRA: {name: columns[name][r] for name in EXTRA_COLUMNS}})
+    prompt_tokens = columns["num_prompt_tokens"][first]
+    completion_tokens = sum(columns["num_completion_tokens"][r] for r in rows)
+    body = {
+        "id": f"{'chatcmpl' if is_chat else 'cmpl'}-{tag}",
+        "object": "chat.completion" if is_chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return line | {"response": {"status_code": 200, "request_id": f"req_{tag}", "body": body}, "error": None}
+
+
+def write_batch_output(
+    parts: Iterable[pa.Table], output: Location, settings: dict, summarize_tally: Callable[[Tally], dict]
+) -> dict:
+    """OUTPUT as a batch file assembled from `parts` (in input order) as they are read, one part in
+    memory at a time; then its summary JSON. Both appear whole or not at all. Returns the summary."""
+    tally = tally_for("generate")
+    model, job = settings["model_name"], settings["fingerprint"]
+    chat = settings["scoring"]["prompt"]["format"] != "raw"
+    created = int(time.time())
+
+    def put(path: str) -> None:
+        with output.fs.open_output_stream(path) as stream:
+            for part in parts:
+                tally.add(part)
+                stream.write("".join(line + "\n" for line in output_lines(part, model, job, chat, created)).encode())
+
+    output.write(put)
+    summary = summarize_tally(tally)
+    write_summary(output, summary)
+    return summary

@@ -1,0 +1,276 @@
+"""OpenAI Batch files in and out: request lines built from the `openai` package's own request types,
+output lines parsed with its response types; the same completions as from a question file; bad
+lines fail before any work, unsupported requests become row errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from openai.types import BatchError, Completion
+from openai.types import completion_create_params as completion_params
+from openai.types.chat import ChatCompletion
+from openai.types.chat import completion_create_params as chat_params
+from pydantic import TypeAdapter
+
+import bulkscore
+from bulkscore.jobs.cli import cli
+from bulkscore.jobs.questions import load_questions
+from tests.helpers import QUESTIONS, write_jsonl
+
+CHAT_BODY = TypeAdapter(chat_params.CompletionCreateParamsNonStreaming)
+COMPLETION_BODY = TypeAdapter(completion_params.CompletionCreateParamsNonStreaming)
+QUESTION_TEXTS = [q["question"] for q in QUESTIONS[:4]]
+OPTIONS = {"max_new_tokens": 6, "quiet": True}
+
+
+def chat_line(custom_id: str, messages: list[dict], **body) -> dict:
+    """A /v1/chat/completions request line; its body checked against openai's own request type."""
+    body = {"model": "gpt-4o-mini", "messages": messages} | body
+    CHAT_BODY.validate_python(body)
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def completion_line(custom_id: str, prompt: str, **body) -> dict:
+    line = unchecked(custom_id, prompt, **body)
+    COMPLETION_BODY.validate_python(line["body"])
+    return line
+
+
+def unchecked(custom_id: str, prompt: str, **body) -> dict:
+    """A /v1/completions request line that openai's type may refuse (a malformed one)."""
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": prompt} | body
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(cli, ["run", *map(str, args)])
+
+
+def test_a_batch_file_reads_as_rows_with_each_requests_own_settings(tmp_path):
+    lines = [
+        chat_line("a", [{"role": "system", "content": "Be brief."}, *user("Q1")], max_completion_tokens=5, n=2),
+        chat_line("b", [{"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "text", "text": "2"}]}]),
+        completion_line("c", "Q3", temperature=0.5, top_p=0.9, seed=3, stop="\n"),
+    ]
+    questions = load_questions([write_jsonl(tmp_path / "batch.jsonl", lines)])
+    assert questions.column("id").to_pylist() == ["a", "b", "c"]
+    assert questions.column("question").to_pylist() == ["Q1", "Q2", "Q3"]
+    requests = questions.column("request").to_pylist()
+    assert requests[0]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}]
+    assert (requests[0]["max_tokens"], requests[0]["n"], requests[0]["temperature"]) == (5, 2, None)
+    assert requests[1]["messages"] == [{"role": "user", "content": "Q2"}]
+    assert requests[2]["prompt"] == "Q3" and requests[2]["messages"] is None
+    assert (requests[2]["temperature"], requests[2]["top_p"], requests[2]["seed"], requests[2]["stop"]) == (
+        0.5,
+        0.9,
+        3,
+        ["\n"],
+    )
+    assert all(r["unsupported"] is None for r in requests)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}), None),
+        (json.dumps({"custom_id": "x", "url": "/v1/completions", "body": "prompt"}), "body must be an object"),
+        (json.dumps(unchecked("x", "y", max_tokens="ten")), "body.max_tokens must be a whole number"),
+        (json.dumps(unchecked("x", "y", stop=[""])), "body.stop must be a non-empty string"),
+        (json.dumps(unchecked("x", "y", top_p=0)), "body.top_p must be a number above 0"),
+        (json.dumps({**chat_line("x", user("y")), "body": {"messages": []}}), "body.messages must be a non-empty"),
+        (json.dumps({**chat_line("x", user("y")), "body": {"messages": [{"content": "y"}]}}), "must be an object"),
+        (json.dumps({**completion_line("x", "y"), "method": "GET"}), "method 'GET'"),
+    ],
+)
+def test_a_malformed_line_fails_before_any_work_naming_its_line(tmp_path, tiny_model, line, message):
+    first = json.dumps(completion_line("first", "fine"))
+    batch = tmp_path / "batch.jsonl"
+    # A first line without custom_id makes the file a plain question file: then that reader's error.
+    batch.write_text(first + "\n\n" + line + "\n")
+    result = invoke(batch, "--model", tiny_model, "-o", tmp_path / "out.jsonl", "--quiet")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {batch}, line 3: "), result.output
+    assert message is None or message in result.output
+    if message is None:
+        assert "custom_id must be a non-empty string" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.parts").exists()
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_the_same_requests_as_a_batch_file_and_as_a_question_file_give_the_same_completions(tiny_model, tmp_path):
+    model = {"model": str(tiny_model)}
+    questions = write_jsonl(
+        tmp_path / "q.jsonl", [{"id": f"r{i}", "question": q} for i, q in enumerate(QUESTION_TEXTS)]
+    )
+    chat = write_jsonl(tmp_path / "chat.jsonl", [chat_line(f"r{i}", user(q)) for i, q in enumerate(QUESTION_TEXTS)])
+    text = write_jsonl(tmp_path / "text.jsonl", [completion_line(f"r{i}", q) for i, q in enumerate(QUESTION_TEXTS)])
+    system = write_jsonl(
+        tmp_path / "system.jsonl",
+        [
+            chat_line(f"r{i}", [{"role": "system", "content": "Answer in numbers."}, *user(q)])
+            for i, q in enumerate(QUESTION_TEXTS)
+        ],
+    )
+    pairs = [
+        (bulkscore.run(str(questions), **OPTIONS, **model), bulkscore.run(str(chat), **OPTIONS, **model)),
+        (
+            bulkscore.run(str(questions), prompt_format="raw", **OPTIONS, **model),
+            bulkscore.run(str(text), **OPTIONS, **model),
+        ),
+        (
+            bulkscore.run(str(questions), system="Answer in numbers.", **OPTIONS, **model),
+            bulkscore.run(str(system), **OPTIONS, **model),
+        ),
+    ]
+    for plain, batch in pairs:
+        for column in ("id", "question", "completion", "loss", "completion_loss", "num_prompt_tokens"):
+            assert batch.table.column(column).to_pylist() == plain.table.column(column).to_pylist(), column
+        assert batch.summary["errors"] == 0
+    # The system turn reaches the prompt (in place of the template's default one).
+    with_system, without = (pairs[k][1].table.column("num_prompt_tokens").to_pylist() for k in (2, 0))
+    assert all(a != b for a, b in zip(with_system, without))
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_requests_own_settings_win_over_the_commands(tiny_model, tmp_path):
+    model = {"model": str(tiny_model)}
+    lines = [
+        chat_line("short", user(QUESTION_TEXTS[0]), max_tokens=3),
+        chat_line("default", user(QUESTION_TEXTS[1])),
+        chat_line("sampled", user(QUESTION_TEXTS[2]), temperature=0.9, seed=7, n=3, max_tokens=8),
+        chat_line("stopped", user(QUESTION_TEXTS[3]), stop=["e"]),
+    ]
+    batch = bulkscore.run(str(write_jsonl(tmp_path / "batch.jsonl", lines)), max_new_tokens=12, quiet=True, **model)
+    rows = batch.table.to_pylist()
+    assert [(r["id"], r["sample"]) for r in rows] == [
+        ("short", 0),
+        ("default", 0),
+        ("sampled", 0),
+        ("sampled", 1),
+        ("sampled", 2),
+    ] + [("stopped", 0)]
+    assert batch.summary["samples"] == 6 and batch.summary["rows"] == 4
+    questions = [{"id": r["custom_id"], "question": r["body"]["messages"][0]["content"]} for r in lines]
+    path = write_jsonl(tmp_path / "q.jsonl", questions)
+
+    def plain(**options) -> list[dict]:
+        return bulkscore.run(str(path), quiet=True, **model, **options).table.to_pylist()
+
+    assert rows[0]["completion"] == plain(max_new_tokens=3)[0]["completion"]
+    assert rows[0]["num_completion_tokens"] <= 3
+    assert rows[1]["completion"] == plain(max_new_tokens=12)[1]["completion"]
+    sampled = plain(max_new_tokens=8, temperature=0.9, seed=7, num_samples=3)
+    assert [r["completion"] for r in rows[2:5]] == [r["completion"] for r in sampled if r["id"] == "sampled"]
+    assert len({r["completion"] for r in rows[2:5]}) > 1  # sampled, not greedy
+    stopped = plain(max_new_tokens=12, stop=("e",))[3]
+    assert (rows[5]["completion"], rows[5]["finish_reason"]) == (stopped["completion"], stopped["finish_reason"])
+    assert "e" not in rows[5]["completion"]
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_unsupported_requests_become_row_errors_and_the_rest_are_scored(tiny_model, tmp_path):
+    lines = [
+        chat_line("tools", user("x"), tools=[{"type": "function", "function": {"name": "f"}}]),
+        chat_line("fine", user(QUESTION_TEXTS[0])),
+        chat_line("logprobs", user("x"), logprobs=True, top_logprobs=2),
+        chat_line("image", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}]),
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x", "model": "m"}},
+        completion_line("many", ["a", "b"]),  # type: ignore[arg-type]
+        completion_line("also fine", QUESTION_TEXTS[1], frequency_penalty=0, logprobs=None),
+    ]
+    result = bulkscore.run(str(write_jsonl(tmp_path / "b.jsonl", lines)), model=str(tiny_model), **OPTIONS)
+    rows = {r["id"]: r for r in result.table.to_pylist()}
+    assert list(rows) == [line["custom_id"] for line in lines]
+    assert rows["fine"]["error"] is None and rows["also fine"]["error"] is None
+    assert rows["fine"]["completion"] is not None
+    for name, part in [
+        ("tools", "body.tools"),
+        ("logprobs", "body.logprobs = true; body.top_logprobs = 2"),
+        ("image", "content part of type 'image_url'"),
+        ("embed", "url /v1/embeddings"),
+        ("many", "body.prompt as a list"),
+    ]:
+        assert rows[name]["error"].startswith("unsupported request: "), name
+        assert part in rows[name]["error"], (name, rows[name]["error"])
+        assert rows[name]["finish_reason"] == "error"
+    assert result.summary["errors"] == 5 and result.summary["error_kinds"] == {"unsupported request": 5}
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_jsonl_output_is_a_batch_output_file_that_openais_types_parse(tiny_model, tmp_path):
+    lines = [
+        chat_line("c1", user(QUESTION_TEXTS[0])),
+        completion_line("t1", QUESTION_TEXTS[1]),
+        chat_line("n3", user(QUESTION_TEXTS[2]), temperature=0.8, n=3),
+        chat_line("bad", user("x"), tools=[{"type": "function", "function": {"name": "f"}}]),
+    ]
+    batch = write_jsonl(tmp_path / "in.jsonl", lines)
+    common = ["--model", tiny_model, "--max-new-tokens", "6", "--quiet", "--shard-size", "2"]
+    result = invoke(batch, "-o", tmp_path / "out.jsonl", *common, "--keep-parts")
+    assert result.exit_code == 0, result.output
+    assert f"Wrote {tmp_path / 'out.jsonl'} and {tmp_path / 'out.summary.json'}" in result.output
+    assert invoke(batch, "-o", tmp_path / "out.parquet", *common).exit_code == 0
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in out] == ["c1", "t1", "n3", "bad"]  # one per request, in input order
+    chat = ChatCompletion.model_validate(out[0]["response"]["body"])
+    text = Completion.model_validate(out[1]["response"]["body"])
+    sampled = ChatCompletion.model_validate(out[2]["response"]["body"])
+    assert out[0]["response"]["status_code"] == 200 and out[0]["error"] is None
+    assert chat.choices[0].message.content == table[0]["completion"]
+    assert chat.choices[0].finish_reason == table[0]["finish_reason"]
+    assert chat.usage.prompt_tokens == table[0]["num_prompt_tokens"]
+    assert chat.usage.completion_tokens == table[0]["num_completion_tokens"]
+    assert text.object == "text_completion" and text.choices[0].text == table[1]["completion"]
+    assert [c.message.content for c in sampled.choices] == [r["completion"] for r in table[2:5]]
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert sampled.usage.completion_tokens == sum(r["num_completion_tokens"] for r in table[2:5])
+    extra = out[0]["response"]["body"]["choices"][0]["bulkscore"]
+    assert extra["loss"] == table[0]["loss"] and extra["completion_loss"] == table[0]["completion_loss"]
+    assert out[3]["response"] is None
+    error = BatchError.model_validate(out[3]["error"])
+    assert error.code == "unsupported_request" and error.message == table[5]["error"]
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["rows"] == 4 and summary["samples"] == 6 and summary["errors"] == 1
+    # The same command again: nothing to do. Without the file, from the kept parts: nothing scored again.
+    again = invoke(batch, "-o", tmp_path / "out.jsonl", *common, "--keep-parts")
+    assert "already holds this job's results" in again.output
+    written = (tmp_path / "out.jsonl").read_text()
+    (tmp_path / "out.jsonl").unlink()
+    (tmp_path / "out.summary.json").unlink()
+    resumed = invoke(batch, "-o", tmp_path / "out.jsonl", *[a for a in common if a != "--quiet"])
+    assert resumed.exit_code == 0 and "Resuming: 2 of 2 shards already done" in resumed.output, resumed.output
+    assert json.loads((tmp_path / "out.summary.json").read_text())["workers"] == 0  # nothing scored again
+    assert strip_created(written) == strip_created((tmp_path / "out.jsonl").read_text())
+
+
+def strip_created(text: str) -> list[dict]:
+    lines = [json.loads(line) for line in text.splitlines()]
+    for line in lines:
+        if line["response"]:
+            del line["response"]["body"]["created"]
+    return lines
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_requests_model_is_ignored_with_a_warning_that_says_which_runs(tiny_model, tmp_path):
+    said = []
+    lines = [chat_line("a", user("Q")), chat_line("b", user("Q"), model="gpt-4.1")]
+    bulkscore.run(
+        str(write_jsonl(tmp_path / "b.jsonl", lines)), model=str(tiny_model), say=said.append, max_new_tokens=2
+    )
+    warning = next(line for line in said if line.startswith("Warning:"))
+    assert warning == (
+        f"Warning: the requests name gpt-4.1, gpt-4o-mini; bulkscore ignores a request's model and runs "
+        f"{Path(tiny_model).resolve()} (--model) for all of them"
+    )
