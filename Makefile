@@ -52,10 +52,12 @@ bench: install
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet "llama-cpp-python>=0.3"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
-# bulkscore's own cost: a near-zero model, 10^4..10^6 rows (scripts/bench_scale.py; docs/performance.md "At scale").
+# bulkscore's own cost: a near-zero model, 10^4..10^6 rows, then 10^4 and 10^5 OpenAI Batch requests
+# in and Batch output lines out (scripts/bench_scale.py; docs/performance.md "At scale").
 SCALE_ARGS ?= -- --workers 2 --cpus-per-worker 1
 bench-scale: install
 	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
+	$(PY) scripts/bench_scale.py --format openai-batch --rows 10000 --rows 100000 $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) answers.parquet answers.summary.json answers.parquet.parts

@@ -81,17 +81,49 @@ def is_batch_file(path: Location) -> bool:
     return isinstance(data, dict) and "custom_id" in data and "body" in data
 
 
-def read_batch_file(path: Location, text: str) -> pa.Table:
-    """The file's requests as rows {id, question, request}, checked line by line."""
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def read_batch_file(path: Location) -> pa.Table:
+    """The file's requests as rows {id, question, request}, checked line by line. Read a block at a
+    time and made Arrow every READ_ROWS requests, so that no more than that many are Python objects."""
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), (REQUEST, REQUEST_TYPE)])
+    batches, rows = [], []
+    for number, line in numbered_lines(path):
         if line.strip():
             rows.append(read_request(line, f"{path}, line {number}"))
-    if not rows:
+        if len(rows) == READ_ROWS:
+            batches.append(pa.RecordBatch.from_pylist(rows, schema=schema))
+            rows = []
+    if rows:
+        batches.append(pa.RecordBatch.from_pylist(rows, schema=schema))
+    if not batches:
         raise InputError(f"{path}: no requests")
-    return pa.Table.from_pylist(
-        rows, schema=pa.schema([("id", pa.string()), ("question", pa.string()), (REQUEST, REQUEST_TYPE)])
-    )
+    return pa.Table.from_batches(batches, schema)
+
+
+READ_ROWS = 8_192
+READ_BLOCK = 1 << 20
+
+
+def numbered_lines(path: Location) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file, read a block at a time."""
+    number, rest = 0, b""
+    try:
+        with path.open_input() as stream:
+            while block := stream.read(READ_BLOCK):
+                *lines, rest = (rest + block).split(b"\n")
+                for line in lines:
+                    number += 1
+                    yield number, text_of(line, path, number)
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    if rest:
+        yield number + 1, text_of(rest, path, number + 1)
+
+
+def text_of(line: bytes, path: Location, number: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}, line {number}: not UTF-8 text; save the file as UTF-8") from None
 
 
 def read_request(line: str, where: str) -> dict:
@@ -224,7 +256,7 @@ def other_models(questions: pa.Table, model: str) -> list[str]:
     """The models the requests name other than the one the job runs, if they came as requests."""
     if REQUEST not in questions.column_names or questions.schema.field(REQUEST).type != REQUEST_TYPE:
         return []
-    named = pc.unique(questions.column(REQUEST).combine_chunks().field("model")).drop_null().to_pylist()
+    named = pc.unique(pc.struct_field(questions.column(REQUEST), "model")).drop_null().to_pylist()
     return sorted(m for m in named if m != model)
 
 

@@ -175,7 +175,7 @@ def read_file(path: Location, split: str | None = None) -> pa.Table | list[dict]
     if kind == pafs.FileType.Directory or suffix in (".parquet", ".pq"):
         return read_parquet(path)
     if suffix in (".jsonl", ".ndjson"):
-        return read_batch_file(path, read_text(path)) if is_batch_file(path) else read_jsonl(path)
+        return read_batch_file(path) if is_batch_file(path) else read_jsonl(path)
     if suffix == ".json":
         return read_json(path)
     raise InputError(f"{path}: unsupported format {suffix or '(no suffix)'}; use .jsonl, .json or .parquet")

@@ -3,12 +3,15 @@
     python scripts/bench_scale.py                  # 10,000, 100,000 and 1,000,000 rows
     python scripts/bench_scale.py --rows 10000     # one size
     python scripts/bench_scale.py --task perplexity --rows 100000   # each question scored as a text
+    python scripts/bench_scale.py --format openai-batch --rows 10000 --rows 100000   # Batch files in and out
 
 The model is built here: a 1-layer Llama of width 16 with a 512-word BPE tokenizer trained on the
 bundled questions, so the time is the tool's (driver, scheduling, Ray, the worker's per-row path),
 not the model's. Each size runs `bulkscore run` in a fresh process on a private Ray instance
 (raw prompts, 4 new tokens, greedy) and prints wall time, rows/s, the driver's peak RSS (VmHWM,
-read from /proc while it runs) and its CPU time. Then the scheduler alone: stand-in actors that
+read from /proc while it runs) and its CPU time. `--format openai-batch` writes the questions as
+OpenAI Batch /v1/completions requests and the output as a Batch output file (out.jsonl). Then the
+scheduler alone: stand-in actors that
 answer at once, 100,000 one-row shards, the driver's CPU time.
 """
 
@@ -65,8 +68,9 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
-def write_questions(path: Path, rows: int) -> Path:
-    """`rows` questions drawn from the bundled set, each with its own id."""
+def write_questions(path: Path, rows: int, batch: bool = False) -> Path:
+    """`rows` questions drawn from the bundled set, each with its own id; `batch`: as OpenAI Batch
+    /v1/completions requests."""
     if path.exists():
         return path
     bundled = [json.loads(line) for line in (ROOT / "jobs/data/unit_conversions.jsonl").open()]
@@ -74,7 +78,11 @@ def write_questions(path: Path, rows: int) -> Path:
     with path.open("w") as f:
         for i in range(rows):
             q = pick.choice(bundled)
-            f.write(json.dumps({"id": i, "question": q["question"], "answer": q["answer"]}) + "\n")
+            line = {"id": i, "question": q["question"], "answer": q["answer"]}
+            if batch:
+                body = {"model": "m", "prompt": q["question"], "max_tokens": 4}
+                line = {"custom_id": f"request-{i}", "method": "POST", "url": "/v1/completions", "body": body}
+            f.write(json.dumps(line) + "\n")
     return path
 
 
@@ -147,15 +155,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bulkscore-scale")
     parser.add_argument("--shards", type=int, default=100_000, help="stand-in shards for the scheduler alone")
     parser.add_argument("--task", default="generate", help="generate, or perplexity: each question scored as a text")
+    parser.add_argument(
+        "--format", choices=("questions", "openai-batch"), default="questions", help="the input's and output's format"
+    )
     parser.add_argument("run_args", nargs="*", help="more `bulkscore run` options, after --")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_model(args.work / "model")
     rows_list = args.rows or list(SIZES)
     results = []
+    batch = args.format == "openai-batch"
     for rows in rows_list:
-        questions = write_questions(args.work / f"questions-{rows}.jsonl", rows)
-        found = run_job(model, questions, args.work / f"{args.task}-{rows}.parquet", args.run_args, args.task)
+        questions = write_questions(args.work / f"{'requests' if batch else 'questions'}-{rows}.jsonl", rows, batch)
+        output = args.work / f"{args.task}-{rows}.{'jsonl' if batch else 'parquet'}"
+        found = run_job(model, questions, output, args.run_args, args.task)
         timings = found["summary"].get("timings") or {}
         results.append((rows, found, timings))
         print(
@@ -165,6 +178,7 @@ def main() -> None:
         )
     scheduled = schedule_only(args.shards)
     what = "raw prompts, 4 new tokens" if args.task == "generate" else f"--task {args.task}"
+    what += ", OpenAI Batch file in, Batch output file out" if batch else ""
     print(f"\nnear-zero model (1 layer, width 16, 512 words), {what}; {os.cpu_count()} CPUs")
     print(
         "| rows | wall s | rows/s | driver peak RSS MiB | driver CPU s | worker generate s | worker loss s | worker score s |"

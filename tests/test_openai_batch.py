@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 import bulkscore
 from bulkscore.jobs.cli import cli
+from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.questions import load_questions
 from tests.helpers import QUESTIONS, write_jsonl
 
@@ -274,3 +275,18 @@ def test_a_requests_model_is_ignored_with_a_warning_that_says_which_runs(tiny_mo
         f"Warning: the requests name gpt-4.1, gpt-4o-mini; bulkscore ignores a request's model and runs "
         f"{Path(tiny_model).resolve()} (--model) for all of them"
     )
+
+
+def test_a_batch_file_is_read_a_block_at_a_time_and_names_the_line_at_fault_across_blocks(tmp_path, monkeypatch):
+    import bulkscore.jobs.openai_batch as openai_batch
+
+    monkeypatch.setattr(openai_batch, "READ_BLOCK", 100)  # lines span blocks
+    monkeypatch.setattr(openai_batch, "READ_ROWS", 3)  # requests become Arrow 3 at a time
+    lines = [completion_line(f"r{i}", f"question {i}", max_tokens=i + 1) for i in range(10)]
+    path = write_jsonl(tmp_path / "batch.jsonl", lines)
+    questions = load_questions([path])
+    assert questions.column("id").to_pylist() == [f"r{i}" for i in range(10)]
+    assert [r["max_tokens"] for r in questions.column("request").to_pylist()] == list(range(1, 11))
+    path.write_bytes(path.read_bytes() + b'{"custom_id": "\xff"}\n')
+    with pytest.raises(InputError, match=rf"^{path}, line 11: not UTF-8 text"):
+        load_questions([path])

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # The text inside <answer></answer> (what cot asks for), else the completion's last number (what a
 # plain chat answer ends with): on the bundled set with the default chat prompt, 294 of 300 answered
@@ -143,8 +144,7 @@ def row_samples(rows: pa.Table, num_samples: int) -> list[int]:
     """How many samples each of a shard's rows has: its request's `n` where it gives one, else the job's."""
     if REQUEST not in rows.column_names:
         return [num_samples] * rows.num_rows
-    asked = rows.column(REQUEST).combine_chunks().field("n").to_pylist()
-    return [num_samples if n is None else n for n in asked]
+    return pc.fill_null(pc.struct_field(rows.column(REQUEST), "n"), num_samples).to_pylist()
 
 
 # What an actor returns for a shard: one row per (input row, sample), keyed by `row`.
