@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bulkscore.jobs.errors import InputError
+from bulkscore.jobs.gather import not_parquet
 from bulkscore.jobs.storage import Location
 from bulkscore.workers.answers import parse_number
 
@@ -32,7 +33,7 @@ def read_answers(location: Location, needed: tuple[str, ...] = NEEDED) -> pa.Tab
     try:
         table = location.read_table()
     except (OSError, pa.ArrowException) as error:
-        raise InputError(f"{location}: cannot read it as Parquet ({error})") from None
+        raise InputError(not_parquet(location, error)) from None
     missing = [name for name in needed if name not in table.column_names]
     if missing:
         raise InputError(f"{location}: not a bulkscore output (no {', '.join(missing)} column)")

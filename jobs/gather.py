@@ -50,6 +50,16 @@ def is_batch_output(output: Location) -> bool:
     return output.name.lower().endswith(".jsonl")
 
 
+def not_parquet(location: Location, error: Exception) -> str:
+    """Why an output cannot be read as Parquet, for the commands that read one (report, export)."""
+    if is_batch_output(location):
+        return (
+            f"{location}: an OpenAI Batch output file; report and export read Parquet outputs "
+            "(run the job with -o NAME.parquet)"
+        )
+    return f"{location}: cannot read it as Parquet ({error})"
+
+
 def shard_rows(questions: pa.Table, result: pa.Table, task: str = "generate") -> pa.Table:
     """Output rows of one shard: the input's id, question and reference beside each result row.
 

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.errors import InputError
-from bulkscore.jobs.gather import Tally, error_kind, read_finished, tally_for
+from bulkscore.jobs.gather import Tally, error_kind, not_parquet, read_finished, tally_for
 from bulkscore.jobs.storage import Location
 
 DEFAULT_BY = "category"
@@ -160,7 +160,7 @@ def open_run(location: Location, name: str) -> tuple[Run, list[pq.ParquetFile]]:
     try:
         files = [pq.ParquetFile(f.fs.open_input_file(f.path)) for f in output_files(location)]
     except (OSError, pa.ArrowException) as error:
-        raise InputError(f"{location}: cannot read it as Parquet ({error})") from None
+        raise InputError(not_parquet(location, error)) from None
     if not files:
         raise InputError(f"{location}: no Parquet files in the folder")
     columns = files[0].schema_arrow.names
@@ -184,7 +184,7 @@ def read_run(location: Location, by: str | None, files: list[pq.ParquetFile], ru
             for batch in file.iter_batches(BATCH_ROWS, columns=wanted):
                 run.add(pa.Table.from_batches([batch]), by)
     except (OSError, pa.ArrowException) as error:
-        raise InputError(f"{location}: cannot read it as Parquet ({error})") from None
+        raise InputError(not_parquet(location, error)) from None
     return run
 
 

@@ -253,6 +253,13 @@ def test_a_jsonl_output_is_a_batch_output_file_that_openais_types_parse(tiny_mod
     assert resumed.exit_code == 0 and "Resuming: 2 of 2 shards already done" in resumed.output, resumed.output
     assert json.loads((tmp_path / "out.summary.json").read_text())["workers"] == 0  # nothing scored again
     assert strip_created(written) == strip_created((tmp_path / "out.jsonl").read_text())
+    for command in ("report", "export"):  # they read Parquet outputs, and say so
+        refused = CliRunner().invoke(cli, [command, str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "x")])
+        assert refused.exit_code == 1
+        assert refused.output == (
+            f"Error: {tmp_path / 'out.jsonl'}: an OpenAI Batch output file; report and export read Parquet "
+            "outputs (run the job with -o NAME.parquet)\n"
+        )
 
 
 def strip_created(text: str) -> list[dict]:
