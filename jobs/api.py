@@ -23,7 +23,7 @@ from bulkscore.jobs.errors import JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS, Export, export_answers
 from bulkscore.jobs.gather import read_output
 from bulkscore.jobs.hfdatasets import dataset_table, to_dataset
-from bulkscore.jobs.openai_batch import other_models
+from bulkscore.jobs.openai_batch import has_requests, other_models
 from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions, task_columns
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
@@ -142,6 +142,7 @@ def run(
     started = time.perf_counter()
     say = say or ((lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr)))
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    prompt_asked = [name for name, value in (("--prompt-format", prompt_format), ("--system", system)) if value]
     if prompt_format is None:
         prompt_format = "chat" if task == "generate" else "raw"
     batch = check_auto_or_whole("--batch-size", batch_size)
@@ -170,6 +171,9 @@ def run(
     questions = load_questions(paths, Columns(question_column, answer_column, id_column, task, split), limit)
     where = ", ".join(map(str, paths))
     extra = pa.table(task_columns(questions, task, where, choices_column, continuation_column))
+    if prompt_asked and has_requests(questions):
+        verb = "applies" if len(prompt_asked) == 1 else "apply"
+        say(f"Warning: {' and '.join(prompt_asked)} {verb} to plain questions only; a request's prompt is its own")
     if named := other_models(questions, spec.model_name):
         say(
             f"Warning: the requests name {', '.join(named[:3])}{'...' if len(named) > 3 else ''}; "

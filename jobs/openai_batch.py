@@ -252,9 +252,16 @@ def body_settings(body: dict, where: str) -> dict:
     }
 
 
+def has_requests(questions: pa.Table) -> bool:
+    """Whether some of the rows came as OpenAI Batch requests."""
+    if REQUEST not in questions.column_names or questions.schema.field(REQUEST).type != REQUEST_TYPE:
+        return False
+    return questions.column(REQUEST).null_count < questions.num_rows
+
+
 def other_models(questions: pa.Table, model: str) -> list[str]:
     """The models the requests name other than the one the job runs, if they came as requests."""
-    if REQUEST not in questions.column_names or questions.schema.field(REQUEST).type != REQUEST_TYPE:
+    if not has_requests(questions):
         return []
     named = pc.unique(pc.struct_field(questions.column(REQUEST), "model")).drop_null().to_pylist()
     return sorted(m for m in named if m != model)

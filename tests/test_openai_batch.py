@@ -274,14 +274,14 @@ def strip_created(text: str) -> list[dict]:
 def test_a_requests_model_is_ignored_with_a_warning_that_says_which_runs(tiny_model, tmp_path):
     said = []
     lines = [chat_line("a", user("Q")), chat_line("b", user("Q"), model="gpt-4.1")]
-    bulkscore.run(
-        str(write_jsonl(tmp_path / "b.jsonl", lines)), model=str(tiny_model), say=said.append, max_new_tokens=2
-    )
-    warning = next(line for line in said if line.startswith("Warning:"))
-    assert warning == (
+    path = str(write_jsonl(tmp_path / "b.jsonl", lines))
+    bulkscore.run(path, model=str(tiny_model), say=said.append, max_new_tokens=2, system="Be brief.")
+    warnings = [line for line in said if line.startswith("Warning:")]
+    assert warnings == [
+        "Warning: --system applies to plain questions only; a request's prompt is its own",
         f"Warning: the requests name gpt-4.1, gpt-4o-mini; bulkscore ignores a request's model and runs "
-        f"{Path(tiny_model).resolve()} (--model) for all of them"
-    )
+        f"{Path(tiny_model).resolve()} (--model) for all of them",
+    ]
 
 
 def test_a_batch_file_is_read_a_block_at_a_time_and_names_the_line_at_fault_across_blocks(tmp_path, monkeypatch):
