@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from bulkscore.jobs.errors import JobError, UsageError
+from bulkscore.jobs.errors import InputError, JobError, UsageError
 from bulkscore.jobs.export import EXPORT_FORMATS, Export, export_answers
-from bulkscore.jobs.gather import read_output
+from bulkscore.jobs.gather import is_batch_output, read_output
 from bulkscore.jobs.hfdatasets import dataset_table, to_dataset
-from bulkscore.jobs.openai_batch import has_requests, other_models
+from bulkscore.jobs.openai_batch import has_requests, other_models, read_batch_output
 from bulkscore.jobs.questions import Columns, InMemory, Source, bundled_questions, load_questions, task_columns
 from bulkscore.jobs.report import build_report
 from bulkscore.jobs.run import RunOptions, run_job
@@ -32,6 +33,7 @@ from bulkscore.jobs.settings import JobSpec, check_remote_code, prompt_settings,
 from bulkscore.jobs.storage import Location, locate
 from bulkscore.workers.contract import (
     DEFAULT_ANSWER_REGEX,
+    REQUEST,
     TASKS,
     GenerationSettings,
     GradingSettings,
@@ -64,7 +66,9 @@ class Result:
 
     @cached_property
     def table(self) -> pa.Table:
-        return self.rows if self.rows is not None else read_output(self.output)
+        if self.rows is not None:
+            return self.rows
+        return read_batch_output(self.output) if is_batch_output(self.output) else read_output(self.output)
 
     def to_dataset(self) -> datasets.Dataset:
         """`table` as a `datasets.Dataset`, e.g. to `push_to_hub` or `save_to_disk` it."""
@@ -171,6 +175,8 @@ def run(
     questions = load_questions(paths, Columns(question_column, answer_column, id_column, task, split), limit)
     where = ", ".join(map(str, paths))
     extra = pa.table(task_columns(questions, task, where, choices_column, continuation_column))
+    if has_requests(questions):
+        check_requests(questions, task, temperature)
     if prompt_asked and has_requests(questions):
         verb = "applies" if len(prompt_asked) == 1 else "apply"
         say(f"Warning: {' and '.join(prompt_asked)} {verb} to plain questions only; a request's prompt is its own")
@@ -186,6 +192,22 @@ def run(
     options = RunOptions(address, workers, cpus_per_worker, gpus_per_worker, overwrite, keep_parts, quiet, patience)
     report = run_job(spec, questions, options, say, extra if extra.num_columns else None)
     return Result(report.summary, report.already_finished, location, report.table)
+
+
+def check_requests(questions: pa.Table, task: str, temperature: float) -> None:
+    """OpenAI Batch requests are generated; a request for samples needs a temperature."""
+    if task != "generate":
+        raise UsageError("--task", f"OpenAI Batch requests ask for completions: --task generate, not {task}")
+    requests = questions.column(REQUEST)
+    n = pc.fill_null(pc.struct_field(requests, "n"), 1)
+    heat = pc.fill_null(pc.struct_field(requests, "temperature"), float(temperature))
+    greedy = pc.sum(pc.and_(pc.greater(n, 1), pc.equal(heat, 0))).as_py() or 0
+    if greedy:
+        ids = questions.column("id").filter(pc.and_(pc.greater(n, 1), pc.equal(heat, 0)))[:3].to_pylist()
+        raise InputError(
+            f"{greedy} request(s) ask for n > 1 samples at temperature 0 ({', '.join(map(str, ids))}): greedy "
+            "decoding gives the same completion every time; give them a temperature, or the job --temperature"
+        )
 
 
 def input_path(path: str | os.PathLike) -> Path | str:

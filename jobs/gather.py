@@ -11,7 +11,6 @@ from importlib.metadata import PackageNotFoundError, version
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from bulkscore.jobs.storage import Location
@@ -41,8 +40,9 @@ CONTRACT_COLUMNS = contract_columns()  # generate's
 
 
 def summary_path(output: Location) -> Location:
-    stem = output.name.removesuffix(".parquet").removesuffix(".jsonl")
-    return output.sibling(stem + ".summary.json")
+    """OUTPUT.summary.json in place of .parquet; a batch output's keeps its .jsonl (out.jsonl.summary.json),
+    so that the same job's Parquet and batch outputs side by side keep their own."""
+    return output.sibling(output.name.removesuffix(".parquet") + ".summary.json")
 
 
 def is_batch_output(output: Location) -> bool:
@@ -398,11 +398,7 @@ def read_finished(output: Location) -> tuple[dict, dict] | None:
 
 
 def read_output(output: Location) -> pa.Table:
-    """A finished OUTPUT's rows, a file or a folder (whose `_`-files pyarrow skips); a batch output's
-    lines, a row per request."""
-    if is_batch_output(output):
-        with output.open_input() as stream:
-            return pa_json.read_json(stream)
+    """A finished OUTPUT's rows, a file or a folder (whose `_`-files pyarrow skips)."""
     return pq.read_table(output.path, filesystem=output.fs).replace_schema_metadata(None)
 
 

@@ -49,8 +49,12 @@ IGNORABLE = {
     "metadata": None,
     "store": None,
     "service_tier": None,
-    "stream": (False,),
+    "prompt_cache_key": None,
+    "prompt_cache_retention": None,
+    "safety_identifier": None,
+    "stream": (False, None),
     "stream_options": (None,),
+    "suffix": (None,),
     "logprobs": (False, None),
     "top_logprobs": (0, None),
     "frequency_penalty": (0, None),
@@ -62,21 +66,31 @@ IGNORABLE = {
     "parallel_tool_calls": None,  # meaningful only with tools, which are refused
 }
 EXTRA = "bulkscore"  # the key, in each output choice, of the output columns the Batch API has no place for
-EXTRA_COLUMNS = ("sample", "answer_text", "answer", "is_correct", "loss", "completion_loss", "reference_loss")
+EXTRA_COLUMNS = (
+    "sample",
+    "answer_text",
+    "answer",
+    "is_correct",
+    "loss",
+    "completion_loss",
+    "reference_loss",
+    "num_completion_tokens",
+)
+LIMITS = {"seed": (-(2**63), 2**63 - 1), "n": (1, 128), "max_tokens": (1, 2**31 - 1)}
+LIMITS["max_completion_tokens"] = LIMITS["max_tokens"]
+
+
+def is_default(value: object, defaults: tuple) -> bool:
+    """Whether a body field holds one of its harmless values: by type too (logprobs 0 asks for logprobs)."""
+    return any(type(value) is type(d) and value == d for d in defaults)
 
 
 def is_batch_file(path: Location) -> bool:
-    """Whether a JSONL file's first object is an OpenAI Batch request (custom_id and body), read from
-    its first 64 KiB."""
-    try:
-        with path.open_input() as stream:
-            head = stream.read(1 << 16)
-    except (OSError, pa.ArrowException):  # the question file reader names what is wrong
-        return False
-    first = next((line for line in head.split(b"\n") if line.strip()), b"")
+    """Whether a JSONL file's first object is an OpenAI Batch request (custom_id and body)."""
+    first = next((line for _, line in numbered_lines(path) if line.strip()), "")
     try:
         data = json.loads(first)
-    except ValueError:  # not JSON, or a first line longer than that: a question file's reader decides
+    except ValueError:  # not JSON: the question file reader names what is wrong
         return False
     return isinstance(data, dict) and "custom_id" in data and "body" in data
 
@@ -96,7 +110,16 @@ def read_batch_file(path: Location) -> pa.Table:
         batches.append(pa.RecordBatch.from_pylist(rows, schema=schema))
     if not batches:
         raise InputError(f"{path}: no requests")
-    return pa.Table.from_batches(batches, schema)
+    table = pa.Table.from_batches(batches, schema)
+    counts = pc.value_counts(table.column("id"))
+    twice = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(twice):
+        custom_id = twice[0]["values"].as_py()
+        where = [i + 1 for i, v in enumerate(table.column("id").to_pylist()) if v == custom_id][:2]
+        raise InputError(
+            f"{path}: requests {where[0]} and {where[1]} share custom_id {custom_id!r}; each request needs its own"
+        )
+    return table
 
 
 READ_ROWS = 8_192
@@ -109,6 +132,8 @@ def numbered_lines(path: Location) -> Iterator[tuple[int, str]]:
     try:
         with path.open_input() as stream:
             while block := stream.read(READ_BLOCK):
+                if number == 0 and not rest:
+                    block = block.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
                 *lines, rest = (rest + block).split(b"\n")
                 for line in lines:
                     number += 1
@@ -158,7 +183,7 @@ def read_request(line: str, where: str) -> dict:
             continue
         if name not in IGNORABLE:
             unsupported.append(f"body.{name}")
-        elif IGNORABLE[name] is not None and value not in IGNORABLE[name]:
+        elif IGNORABLE[name] is not None and not is_default(value, IGNORABLE[name]):
             unsupported.append(f"body.{name} = {json.dumps(value)[:40]}")
     if unsupported:
         request["unsupported"] = "; ".join(unsupported) + " (bulkscore generates text and computes losses only)"
@@ -177,16 +202,21 @@ def chat_turns(messages: object, where: str, unsupported: list[str]) -> tuple[li
         if role not in ROLES or message.get("tool_calls") or message.get("function_call"):
             unsupported.append(f"body.messages[{i}] (a {role} message{' with tool calls' if role in ROLES else ''})")
             continue
-        text = content_text(message.get("content"), f"{where}: body.messages[{i}].content", unsupported)
+        content = message.get("content")
+        if content is None and role == "assistant":  # an assistant turn may leave its content out
+            content = ""
+        text = content_text(content, f"{where}: body.messages[{i}].content", unsupported)
         turns.append({"role": ROLES[role], "content": text})
     if unsupported:
         return None, None
-    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), None)
+    # The question `loss` scores: the last user turn, else the last turn (a system message alone).
+    question = next((t["content"] for t in reversed(turns) if t["role"] == "user"), turns[-1]["content"])
     return turns, question
 
 
 def content_text(content: object, where: str, unsupported: list[str]) -> str:
-    """A message's content as text: a string, or a list of text parts (joined); other parts refused."""
+    """A message's content as text: a string, or a list of text parts (joined by newlines, as vLLM
+    joins them); other parts refused."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -199,7 +229,7 @@ def content_text(content: object, where: str, unsupported: list[str]) -> str:
             texts.append(part["text"])
         else:
             unsupported.append(f"content part of type {part.get('type')!r}")
-    return "".join(texts)
+    return "\n".join(texts)
 
 
 def completion_prompt(prompt: object, where: str, unsupported: list[str]) -> str | None:
@@ -216,10 +246,10 @@ def completion_prompt(prompt: object, where: str, unsupported: list[str]) -> str
 def body_settings(body: dict, where: str) -> dict:
     """The body's generation settings, checked: what bulkscore's own options would accept."""
 
-    def whole(name: str, least: int) -> int | None:
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-            raise InputError(f"{where}: body.{name} must be a whole number of at least {least}, not {value!r}")
+    def whole(name: str) -> int | None:
+        value, (least, most) = body.get(name), LIMITS[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most):
+            raise InputError(f"{where}: body.{name} must be a whole number from {least} to {most}, not {value!r}")
         return value
 
     def number(name: str, holds: Callable[[float], bool], what: str) -> float | None:
@@ -228,7 +258,7 @@ def body_settings(body: dict, where: str) -> dict:
             raise InputError(f"{where}: body.{name} must be {what}, not {value!r}")
         return None if value is None else float(value)
 
-    max_tokens, max_completion = whole("max_tokens", 1), whole("max_completion_tokens", 1)
+    max_tokens, max_completion = whole("max_tokens"), whole("max_completion_tokens")
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise InputError(
             f"{where}: body.max_tokens {max_tokens} and body.max_completion_tokens {max_completion} differ"
@@ -245,10 +275,10 @@ def body_settings(body: dict, where: str) -> dict:
         "model": model,
         "max_tokens": max_completion if max_tokens is None else max_tokens,
         "temperature": number("temperature", lambda v: v >= 0, "a number of at least 0"),
-        "top_p": number("top_p", lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
-        "seed": whole("seed", -(2**63)),
-        "n": whole("n", 1),
-        "stop": stop or None,
+        "top_p": number("top_p", lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+        "seed": whole("seed"),
+        "n": whole("n"),
+        "stop": stop,  # [] is no stop strings, not the command's
     }
 
 
@@ -284,17 +314,22 @@ def output_lines(part: pa.Table, model: str, job: str, chat: bool, created: int)
 
 
 def output_line(columns: dict, rows: range, request: dict | None, model: str, job: str, chat: bool, created: int):
+    """One request's line: its samples as choices, or (none scored) its first sample's error. Samples
+    that failed beside others that did not are listed in the body under `bulkscore.errors`."""
     first = rows[0]
     custom_id = str(columns["id"][first])
     tag = hashlib.sha256(f"{job}:{custom_id}".encode()).hexdigest()[:24]
     line = {"id": f"batch_req_{tag}", "custom_id": custom_id}
-    errors = [columns["error"][r] for r in rows if columns["error"][r] is not None]
-    if errors:
-        kind = errors[0].split(":", 1)[0]
-        return line | {"response": None, "error": {"code": kind.replace(" ", "_"), "message": errors[0]}}
+    failed = [r for r in rows if columns["error"][r] is not None]
+    if len(failed) == len(rows):
+        message = columns["error"][first]
+        code = message.split(":", 1)[0].replace(" ", "_")
+        return line | {"response": None, "error": {"code": code, "message": message}}
     is_chat = request["url"] == CHAT if request else chat
     choices = []
     for r in rows:
+        if r in failed:
+            continue
         choice = {"index": columns["sample"][r], "logprobs": None, "finish_reason": columns["finish_reason"][r]}
         if is_chat:
             choice["message"] = {"role": "assistant", "content": columns["completion"][r]}
@@ -315,7 +350,55 @@ def output_line(columns: dict, rows: range, request: dict | None, model: str, jo
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+    if failed:
+        body[EXTRA] = {"errors": [{"sample": columns["sample"][r], "error": columns["error"][r]} for r in failed]}
     return line | {"response": {"status_code": 200, "request_id": f"req_{tag}", "body": body}, "error": None}
+
+
+# Result.table of a batch output: a row per choice (and per failed sample or request), by custom_id.
+READ_BACK = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("sample", pa.int32()),
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("answer_text", pa.string()),
+        ("answer", pa.float64()),
+        ("is_correct", pa.bool_()),
+        ("loss", pa.float64()),
+        ("completion_loss", pa.float64()),
+        ("reference_loss", pa.float64()),
+        ("num_completion_tokens", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def read_batch_output(output: Location) -> pa.Table:
+    """A batch output file's lines back as rows (READ_BACK), READ_ROWS at a time into Arrow."""
+    batches, rows = [], []
+    for _, text in numbered_lines(output):
+        if text.strip():
+            rows += read_back(json.loads(text))
+        if len(rows) >= READ_ROWS:
+            batches.append(pa.RecordBatch.from_pylist(rows, schema=READ_BACK))
+            rows = []
+    batches.append(pa.RecordBatch.from_pylist(rows, schema=READ_BACK))
+    return pa.Table.from_batches(batches, READ_BACK)
+
+
+def read_back(line: dict) -> list[dict]:
+    custom_id = line["custom_id"]
+    if line.get("response") is None:
+        return [{"custom_id": custom_id, "error": (line.get("error") or {}).get("message")}]
+    body = line["response"]["body"]
+    rows = []
+    for choice in body["choices"]:
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        extra = choice.get(EXTRA, {})
+        rows.append({"custom_id": custom_id, "completion": text, "finish_reason": choice["finish_reason"]} | extra)
+    rows += [{"custom_id": custom_id} | failed for failed in body.get(EXTRA, {}).get("errors", [])]
+    return sorted(rows, key=lambda row: row.get("sample") or 0)
 
 
 def write_batch_output(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bulkscore.jobs.cluster import (
     RayRoom,
@@ -47,7 +48,6 @@ from bulkscore.workers.contract import (
     check_result,
     input_schema,
     result_schema,
-    row_samples,
     shard_timings,
 )
 from bulkscore.workers.embedded import cache_root, embedded_gguf, is_prepared
@@ -89,6 +89,13 @@ def shard_task(
         columns |= {name: column for name, column in zip(extra.column_names, extra.slice(start, stop - start).columns)}
     schema = input_schema(task, requests=REQUEST in columns)
     return ShardTask(index=index, start=start, stop=stop, rows=pa.table(columns, schema=schema))
+
+
+def sample_counts(extra: pa.Table | None, num_rows: int, num_samples: int) -> pa.ChunkedArray:
+    """How many samples each input row has, as Arrow: a request's own n, else --num-samples."""
+    if extra is None or REQUEST not in extra.column_names:
+        return pa.chunked_array([pa.repeat(pa.scalar(num_samples, pa.int64()), num_rows)])
+    return pc.fill_null(pc.struct_field(extra.column(REQUEST), "n"), num_samples)
 
 
 def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> dict | None:
@@ -232,9 +239,9 @@ def score_on_ray(
         shards = {s.index: s for s in todo}
         pieces: dict[int, list[pa.Table]] = defaultdict(list)
         # (row, sample) pairs in all, and in each shard to do: a request's own n over --num-samples
-        counts = row_samples(extra if extra is not None else questions.select([]), samples)
-        total = sum(counts)
-        expected = {s.index: sum(counts[s.start : s.stop]) for s in todo}
+        counts = sample_counts(extra, questions.num_rows, samples)
+        total = pc.sum(counts).as_py()
+        expected = {s.index: pc.sum(counts.slice(s.start, s.stop - s.start)).as_py() for s in todo}
         with progress_bar(total, total - sum(expected.values()), options.quiet) as bar:
             tell = announcer(say)
 

@@ -137,7 +137,7 @@ def run_job(model: Path, questions: Path, output: Path, extra: list[str], task: 
     out, err = job.communicate()
     if job.returncode != 0:
         raise SystemExit(f"bulkscore run failed ({job.returncode}):\n{err[-3000:]}")
-    summary = json.loads(output.with_name(output.stem + ".summary.json").read_text())
+    summary = json.loads(output.with_name(output.name.removesuffix(".parquet") + ".summary.json").read_text())
     return {"wall_s": wall, "peak_rss_mib": peak, "driver_cpu_s": cpu, "summary": summary}
 
 

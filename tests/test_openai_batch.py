@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -20,6 +21,7 @@ import bulkscore
 from bulkscore.jobs.cli import cli
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.questions import load_questions
+from bulkscore.jobs.storage import locate
 from tests.helpers import QUESTIONS, write_jsonl
 
 CHAT_BODY = TypeAdapter(chat_params.CompletionCreateParamsNonStreaming)
@@ -63,11 +65,11 @@ def test_a_batch_file_reads_as_rows_with_each_requests_own_settings(tmp_path):
     ]
     questions = load_questions([write_jsonl(tmp_path / "batch.jsonl", lines)])
     assert questions.column("id").to_pylist() == ["a", "b", "c"]
-    assert questions.column("question").to_pylist() == ["Q1", "Q2", "Q3"]
+    assert questions.column("question").to_pylist() == ["Q1", "Q\n2", "Q3"]  # text parts joined as vLLM joins them
     requests = questions.column("request").to_pylist()
     assert requests[0]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}]
     assert (requests[0]["max_tokens"], requests[0]["n"], requests[0]["temperature"]) == (5, 2, None)
-    assert requests[1]["messages"] == [{"role": "user", "content": "Q2"}]
+    assert requests[1]["messages"] == [{"role": "user", "content": "Q\n2"}]
     assert requests[2]["prompt"] == "Q3" and requests[2]["messages"] is None
     assert (requests[2]["temperature"], requests[2]["top_p"], requests[2]["seed"], requests[2]["stop"]) == (
         0.5,
@@ -86,7 +88,9 @@ def test_a_batch_file_reads_as_rows_with_each_requests_own_settings(tmp_path):
         (json.dumps({"custom_id": "x", "url": "/v1/completions", "body": "prompt"}), "body must be an object"),
         (json.dumps(unchecked("x", "y", max_tokens="ten")), "body.max_tokens must be a whole number"),
         (json.dumps(unchecked("x", "y", stop=[""])), "body.stop must be a non-empty string"),
-        (json.dumps(unchecked("x", "y", top_p=0)), "body.top_p must be a number above 0"),
+        (json.dumps(unchecked("x", "y", top_p=1.5)), "body.top_p must be a number from 0 to 1, not 1.5"),
+        (json.dumps(unchecked("x", "y", seed=2**64 - 1)), "body.seed must be a whole number from -9223372036854775808"),
+        (json.dumps(unchecked("x", "y", n=0)), "body.n must be a whole number from 1 to 128, not 0"),
         (json.dumps({**chat_line("x", user("y")), "body": {"messages": []}}), "body.messages must be a non-empty"),
         (json.dumps({**chat_line("x", user("y")), "body": {"messages": [{"content": "y"}]}}), "must be an object"),
         (json.dumps({**completion_line("x", "y"), "method": "GET"}), "method 'GET'"),
@@ -219,7 +223,7 @@ def test_a_jsonl_output_is_a_batch_output_file_that_openais_types_parse(tiny_mod
     common = ["--model", tiny_model, "--max-new-tokens", "6", "--quiet", "--shard-size", "2"]
     result = invoke(batch, "-o", tmp_path / "out.jsonl", *common, "--keep-parts")
     assert result.exit_code == 0, result.output
-    assert f"Wrote {tmp_path / 'out.jsonl'} and {tmp_path / 'out.summary.json'}" in result.output
+    assert f"Wrote {tmp_path / 'out.jsonl'} and {tmp_path / 'out.jsonl.summary.json'}" in result.output
     assert invoke(batch, "-o", tmp_path / "out.parquet", *common).exit_code == 0
     table = pq.read_table(tmp_path / "out.parquet").to_pylist()
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -241,17 +245,17 @@ def test_a_jsonl_output_is_a_batch_output_file_that_openais_types_parse(tiny_mod
     assert out[3]["response"] is None
     error = BatchError.model_validate(out[3]["error"])
     assert error.code == "unsupported_request" and error.message == table[5]["error"]
-    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["rows"] == 4 and summary["samples"] == 6 and summary["errors"] == 1
     # The same command again: nothing to do. Without the file, from the kept parts: nothing scored again.
     again = invoke(batch, "-o", tmp_path / "out.jsonl", *common, "--keep-parts")
     assert "already holds this job's results" in again.output
     written = (tmp_path / "out.jsonl").read_text()
     (tmp_path / "out.jsonl").unlink()
-    (tmp_path / "out.summary.json").unlink()
+    (tmp_path / "out.jsonl.summary.json").unlink()
     resumed = invoke(batch, "-o", tmp_path / "out.jsonl", *[a for a in common if a != "--quiet"])
     assert resumed.exit_code == 0 and "Resuming: 2 of 2 shards already done" in resumed.output, resumed.output
-    assert json.loads((tmp_path / "out.summary.json").read_text())["workers"] == 0  # nothing scored again
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["workers"] == 0  # nothing scored again
     assert strip_created(written) == strip_created((tmp_path / "out.jsonl").read_text())
     for command in ("report", "export"):  # they read Parquet outputs, and say so
         refused = CliRunner().invoke(cli, [command, str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "x")])
@@ -297,3 +301,95 @@ def test_a_batch_file_is_read_a_block_at_a_time_and_names_the_line_at_fault_acro
     path.write_bytes(path.read_bytes() + b'{"custom_id": "\xff"}\n')
     with pytest.raises(InputError, match=rf"^{path}, line 11: not UTF-8 text"):
         load_questions([path])
+
+
+def test_what_openai_accepts_reads_as_it_means(tmp_path):
+    """Valid requests that are easy to get wrong: top_p 0 (the likeliest token alone), stop [] (no
+    stop strings, not the command's), an assistant turn without content, metadata-only fields, a
+    system message alone, a byte-order mark, and a first line longer than any block size."""
+    long = "word " * 30_000
+    lines = [
+        completion_line("p0", "Q", top_p=0, temperature=1.0, stop=[], prompt_cache_key="k", safety_identifier="u"),
+        chat_line(
+            "turns", [*user("Q"), {"role": "assistant", "tool_calls": []}, *user("again")], stream=False, store=True
+        ),
+        chat_line("system", [{"role": "system", "content": "Say hi."}]),
+        chat_line("long", user(long)),
+    ]
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\n" for line in lines[::-1]).encode())
+    questions = load_questions([path])
+    rows = {r["id"]: r for r in questions.to_pylist()}
+    assert list(rows) == ["long", "system", "turns", "p0"]
+    assert (rows["p0"]["request"]["top_p"], rows["p0"]["request"]["stop"]) == (0.0, [])
+    assert rows["turns"]["request"]["messages"][1] == {"role": "assistant", "content": ""}
+    assert rows["turns"]["question"] == "again" and rows["system"]["question"] == "Say hi."
+    assert rows["long"]["question"] == long
+    assert all(r["request"]["unsupported"] is None for r in rows.values())
+
+
+def test_completions_logprobs_zero_asks_for_logprobs_and_is_unsupported(tmp_path):
+    questions = load_questions([write_jsonl(tmp_path / "b.jsonl", [completion_line("x", "Q", logprobs=0)])])
+    assert questions.column("request")[0]["unsupported"].as_py().startswith("body.logprobs = 0")
+
+
+def test_a_custom_id_given_twice_fails_naming_both_requests(tmp_path):
+    lines = [completion_line("a", "Q"), completion_line("b", "Q"), completion_line("a", "Q")]
+    path = write_jsonl(tmp_path / "b.jsonl", lines)
+    with pytest.raises(InputError) as raised:
+        load_questions([path])
+    assert str(raised.value) == f"{path}: requests 1 and 3 share custom_id 'a'; each request needs its own"
+
+
+def test_requests_for_samples_at_temperature_zero_or_for_another_task_are_refused(tmp_path, tiny_model):
+    path = write_jsonl(tmp_path / "b.jsonl", [chat_line("a", user("Q")), chat_line("b", user("Q"), n=2)])
+    result = invoke(path, "--model", tiny_model, "-o", tmp_path / "out.parquet")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: 1 request(s) ask for n > 1 samples at temperature 0 (b): greedy decoding gives the same "
+        "completion every time; give them a temperature, or the job --temperature\n"
+    )
+    task = invoke(path, "--model", tiny_model, "-o", tmp_path / "out.parquet", "--task", "perplexity")
+    assert task.exit_code == 2
+    assert "OpenAI Batch requests ask for completions: --task generate, not perplexity" in task.output
+
+
+def test_a_request_whose_samples_partly_failed_keeps_the_others_and_reads_back(tmp_path, monkeypatch):
+    import bulkscore.jobs.openai_batch as openai_batch
+
+    def row(sample: int, completion: str | None, error: str | None) -> dict:
+        return {
+            "id": "a",
+            "sample": sample,
+            "completion": completion,
+            "finish_reason": "error" if error else "stop",
+            "error": error,
+            "num_prompt_tokens": 5,
+            "num_completion_tokens": 0 if error else 2,
+        } | dict.fromkeys(("answer_text", "answer", "is_correct", "loss", "completion_loss", "reference_loss"))
+
+    part = pa.Table.from_pylist(
+        [row(0, "x", None), row(1, None, "generation failed: OutOfMemoryError: ..."), row(2, "y", None)]
+        + [row(0, None, "empty question") | {"id": "b"}]
+    )
+    lines = [json.loads(line) for line in openai_batch.output_lines(part, "m", "job", True, 0)]
+    body = ChatCompletion.model_validate(lines[0]["response"]["body"])
+    assert [(c.index, c.message.content) for c in body.choices] == [(0, "x"), (2, "y")]
+    assert lines[0]["response"]["body"]["bulkscore"]["errors"] == [
+        {"sample": 1, "error": "generation failed: OutOfMemoryError: ..."}
+    ]
+    assert lines[1]["response"] is None
+    assert BatchError.model_validate(lines[1]["error"]).code == "empty_question"
+    # Read back: errors before successes, and more lines than one Arrow batch, type the same.
+    monkeypatch.setattr(openai_batch, "READ_ROWS", 2)
+    path = tmp_path / "out.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in [lines[1]] * 3 + [lines[0]]))
+    back = openai_batch.read_batch_output(locate(str(path))).to_pylist()
+    assert [(r["custom_id"], r["sample"], r["completion"], r["error"]) for r in back] == [
+        ("b", None, None, "empty question"),
+        ("b", None, None, "empty question"),
+        ("b", None, None, "empty question"),
+        ("a", 0, "x", None),
+        ("a", 1, None, "generation failed: OutOfMemoryError: ..."),
+        ("a", 2, "y", None),
+    ]

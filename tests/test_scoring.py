@@ -1024,3 +1024,13 @@ def test_each_requests_own_settings_give_it_the_same_numbers_beside_any_others(a
     assert together[5]["num_completion_tokens"] <= 4
     assert not any(ch in together[6]["completion"] for ch in "ae")
     assert len({r["completion"] for r in together[1:4]}) > 1  # sampled
+
+
+def test_top_p_keeps_the_likeliest_token_at_zero_and_leaves_a_row_at_one_as_it_is():
+    from bulkscore.workers.generation import top_p_filter
+
+    scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
+    kept = top_p_filter(scores, [0.0, 1.0, 0.5]).isfinite()
+    assert kept[0].nonzero().flatten().tolist() == [int(scores[0].argmax())]
+    assert bool(kept[1].all())
+    assert 1 < int(kept[2].sum()) < 500

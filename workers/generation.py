@@ -102,14 +102,18 @@ def top_p_filter(
     probability mass ahead of them is under top_p (so at least the likeliest). Found among the
     NUCLEUS_CANDIDATES likeliest tokens (a top-k, ~20x cheaper than sorting 49,152 scores per row),
     by a sort of the whole row where the nucleus is larger than that; only for `rows` (default: all).
-    `top_p`: one for all rows, or each row's; a row's at 1 or more leaves it as it is."""
+    `top_p`: one for all rows, or each row's; a row's at 1 or more leaves it as it is, at 0 keeps
+    the likeliest alone."""
     each = [float(top_p)] * scores.shape[0] if isinstance(top_p, (int, float)) else [float(p) for p in top_p]
     limit = torch.tensor(each, dtype=scores.dtype, device=scores.device)[:, None]  # [R, 1]
     probs = torch.softmax(scores, dim=-1)
     top, where = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # [R, k], descending
     ahead = top.cumsum(dim=-1) - top
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, where, ahead < limit)
-    wide = (ahead[:, -1:] + top[:, -1:] < limit).flatten().nonzero().flatten().tolist()
+    inside = ahead < limit
+    inside[:, 0] = True  # the likeliest token, whatever top_p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, where, inside)
+    # Rows whose nucleus reaches past the candidates: sorted whole (not those left as they are).
+    wide = [r for r in (ahead[:, -1:] + top[:, -1:] < limit).flatten().nonzero().flatten().tolist() if each[r] < 1]
     for row in wide if rows is None else sorted(set(wide) & set(rows)):
         ranked, order = probs[row].sort(descending=True)
         keep[row] = torch.zeros_like(keep[row]).scatter_(0, order, ranked.cumsum(dim=0) - ranked < each[row])
@@ -351,13 +355,14 @@ class Decoder:
         it (as many as `room` slots take). It is in `filling` before any model call, so that a failing
         call fails its requests too."""
         first = self.waiting.popleft()
-        key = (first.request.prompt, first.request.continuation)
+
+        def key(pending: Pending) -> tuple:
+            return pending.request.prompt, pending.request.continuation, pending.request.score_prompt
+
         pendings = [first]
-        while self.waiting and len(pendings) < room:
-            if (self.waiting[0].request.prompt, self.waiting[0].request.continuation) != key:
-                break
+        while self.waiting and len(pendings) < room and key(self.waiting[0]) == key(first):
             pendings.append(self.waiting.popleft())
-        prompt, tail = key
+        prompt, tail, _ = key(first)
         shared = self.prefix.length_for(prompt)
         own = prompt[shared:]
         fed = own + (tail[:-1] if tail else ())  # the continuation's last token is only a target

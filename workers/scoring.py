@@ -128,18 +128,23 @@ def encode(lm: LoadedModel, texts: Sequence[tuple[str, bool]]) -> list[list[int]
 def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSettings) -> None:
     """Each item's prompt and its tokens, and prompt + reference's: one tokenizer call for all the
     shard's prompts, one for all its references (a question's samples share theirs)."""
-    valid, texts = [], {}
+    valid, texts, made = [], {}, {}  # made: prompts by question, or by request (a row's samples share it)
     for item in items:
+        key = item.question if item.request is None else id(item.request)
         if item.request is not None and item.request["unsupported"] is not None:
             item.error = f"unsupported request: {item.request['unsupported']}"
         elif item.question is None or not item.question.strip():
             item.error = "empty question"
+        elif item.request is None:
+            made[key] = made.get(key) or prompt_text(lm, item, settings)
         else:
             try:
-                texts[id(item)] = prompt_text(lm, item, settings)
-                valid.append(item)
+                made[key] = made.get(key) or prompt_text(lm, item, settings)
             except Exception as error:  # a chat template that refuses these turns: this row's error
                 item.error = f"chat template failed: {describe(error)}"
+        if item.error is None:
+            texts[id(item)] = made[key]
+            valid.append(item)
     unique = list(dict.fromkeys(texts.values()))
     prompts = dict(zip(unique, encode(lm, unique)))
     pairs = list(dict.fromkeys((texts[id(item)], item.reference) for item in valid if item.reference is not None))
