@@ -56,7 +56,8 @@ class Result:
     input order) and `summary` (the figures `OUTPUT.summary.json` holds).
 
     With an output, `table` is read from it when first asked for: a job larger than memory returns
-    at once, and its rows can be read piecewise from the output instead. `to_dataset()` returns
+    at once, and its rows can be read piecewise from the output instead (an OpenAI Batch output,
+    `.jsonl`, is read back as a row per choice: jobs.openai_batch.READ_BACK). `to_dataset()` returns
     `table` as a Hugging Face `datasets.Dataset` (it needs the datasets package)."""
 
     summary: dict
