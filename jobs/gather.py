@@ -52,10 +52,10 @@ def is_batch_output(output: Location) -> bool:
 
 def not_parquet(location: Location, error: Exception) -> str:
     """Why an output cannot be read as Parquet, for the commands that read one (report, export)."""
-    if is_batch_output(location):
+    if is_batch_output(location):  # an OpenAI Batch output, or a question file given by mistake
         return (
-            f"{location}: an OpenAI Batch output file; report and export read Parquet outputs "
-            "(run the job with -o NAME.parquet)"
+            f"{location}: cannot read it as Parquet (a .jsonl file; report and export read Parquet outputs: "
+            "run the job with -o NAME.parquet)"
         )
     return f"{location}: cannot read it as Parquet ({error})"
 

@@ -261,8 +261,8 @@ def test_a_jsonl_output_is_a_batch_output_file_that_openais_types_parse(tiny_mod
         refused = CliRunner().invoke(cli, [command, str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "x")])
         assert refused.exit_code == 1
         assert refused.output == (
-            f"Error: {tmp_path / 'out.jsonl'}: an OpenAI Batch output file; report and export read Parquet "
-            "outputs (run the job with -o NAME.parquet)\n"
+            f"Error: {tmp_path / 'out.jsonl'}: cannot read it as Parquet (a .jsonl file; report and export read "
+            "Parquet outputs: run the job with -o NAME.parquet)\n"
         )
 
 
