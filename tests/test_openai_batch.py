@@ -113,47 +113,55 @@ def test_a_malformed_line_fails_before_any_work_naming_its_line(tmp_path, tiny_m
 
 @pytest.mark.usefixtures("ray_instance")
 def test_the_same_requests_as_a_batch_file_and_as_a_question_file_give_the_same_completions(tiny_model, tmp_path):
+    """One Batch file of chat requests, completions requests and chat requests with a system turn,
+    against the question file run as chat, raw and chat with --system: the same rows."""
     model = {"model": str(tiny_model)}
     questions = write_jsonl(
         tmp_path / "q.jsonl", [{"id": f"r{i}", "question": q} for i, q in enumerate(QUESTION_TEXTS)]
     )
-    chat = write_jsonl(tmp_path / "chat.jsonl", [chat_line(f"r{i}", user(q)) for i, q in enumerate(QUESTION_TEXTS)])
-    text = write_jsonl(tmp_path / "text.jsonl", [completion_line(f"r{i}", q) for i, q in enumerate(QUESTION_TEXTS)])
-    system = write_jsonl(
-        tmp_path / "system.jsonl",
-        [
-            chat_line(f"r{i}", [{"role": "system", "content": "Answer in numbers."}, *user(q)])
-            for i, q in enumerate(QUESTION_TEXTS)
-        ],
+    system = [{"role": "system", "content": "Answer in numbers."}]
+    lines = (
+        [chat_line(f"chat{i}", user(q)) for i, q in enumerate(QUESTION_TEXTS)]
+        + [completion_line(f"text{i}", q) for i, q in enumerate(QUESTION_TEXTS)]
+        + [chat_line(f"system{i}", system + user(q)) for i, q in enumerate(QUESTION_TEXTS)]
     )
-    pairs = [
-        (bulkscore.run(str(questions), **OPTIONS, **model), bulkscore.run(str(chat), **OPTIONS, **model)),
-        (
-            bulkscore.run(str(questions), prompt_format="raw", **OPTIONS, **model),
-            bulkscore.run(str(text), **OPTIONS, **model),
-        ),
-        (
-            bulkscore.run(str(questions), system="Answer in numbers.", **OPTIONS, **model),
-            bulkscore.run(str(system), **OPTIONS, **model),
-        ),
+    batch = bulkscore.run(str(write_jsonl(tmp_path / "batch.jsonl", lines)), **OPTIONS, **model)
+    assert batch.summary["errors"] == 0
+    plain = [
+        bulkscore.run(str(questions), **OPTIONS, **model),
+        bulkscore.run(str(questions), prompt_format="raw", **OPTIONS, **model),
+        bulkscore.run(str(questions), system="Answer in numbers.", **OPTIONS, **model),
     ]
-    for plain, batch in pairs:
-        for column in ("id", "question", "completion", "loss", "completion_loss", "num_prompt_tokens"):
-            assert batch.table.column(column).to_pylist() == plain.table.column(column).to_pylist(), column
-        assert batch.summary["errors"] == 0
+    n = len(QUESTION_TEXTS)
+    for k, expected in enumerate(plain):
+        got = batch.table.slice(k * n, n)
+        for column in ("question", "completion", "loss", "completion_loss", "num_prompt_tokens"):
+            assert got.column(column).to_pylist() == expected.table.column(column).to_pylist(), (k, column)
     # The system turn reaches the prompt (in place of the template's default one).
-    with_system, without = (pairs[k][1].table.column("num_prompt_tokens").to_pylist() for k in (2, 0))
+    with_system, without = (batch.table.slice(k * n, n).column("num_prompt_tokens").to_pylist() for k in (2, 0))
     assert all(a != b for a, b in zip(with_system, without))
 
 
 @pytest.mark.usefixtures("ray_instance")
 def test_a_requests_own_settings_win_over_the_commands(tiny_model, tmp_path):
     model = {"model": str(tiny_model)}
+    questions = [
+        {"id": name, "question": q} for name, q in zip(("short", "default", "sampled", "stopped"), QUESTION_TEXTS)
+    ]
+    path = write_jsonl(tmp_path / "q.jsonl", questions)
+
+    def plain(**options) -> list[dict]:
+        return bulkscore.run(str(path), quiet=True, **model, **options).table.to_pylist()
+
+    default = plain(max_new_tokens=12)
+    text = default[3]["completion"]
+    # A letter the row generates, from midway: ASCII, so that no partly decoded character can hold it.
+    stop = next(c for c in text[len(text) // 2 :] + text if c.isascii() and c.isalnum())
     lines = [
         chat_line("short", user(QUESTION_TEXTS[0]), max_tokens=3),
         chat_line("default", user(QUESTION_TEXTS[1])),
         chat_line("sampled", user(QUESTION_TEXTS[2]), temperature=0.9, seed=7, n=3, max_tokens=8),
-        chat_line("stopped", user(QUESTION_TEXTS[3]), stop=["e"]),
+        chat_line("stopped", user(QUESTION_TEXTS[3]), stop=[stop]),
     ]
     batch = bulkscore.run(str(write_jsonl(tmp_path / "batch.jsonl", lines)), max_new_tokens=12, quiet=True, **model)
     rows = batch.table.to_pylist()
@@ -165,21 +173,14 @@ def test_a_requests_own_settings_win_over_the_commands(tiny_model, tmp_path):
         ("sampled", 2),
     ] + [("stopped", 0)]
     assert batch.summary["samples"] == 6 and batch.summary["rows"] == 4
-    questions = [{"id": r["custom_id"], "question": r["body"]["messages"][0]["content"]} for r in lines]
-    path = write_jsonl(tmp_path / "q.jsonl", questions)
-
-    def plain(**options) -> list[dict]:
-        return bulkscore.run(str(path), quiet=True, **model, **options).table.to_pylist()
-
     assert rows[0]["completion"] == plain(max_new_tokens=3)[0]["completion"]
     assert rows[0]["num_completion_tokens"] <= 3
-    assert rows[1]["completion"] == plain(max_new_tokens=12)[1]["completion"]
+    assert rows[1]["completion"] == default[1]["completion"]
     sampled = plain(max_new_tokens=8, temperature=0.9, seed=7, num_samples=3)
     assert [r["completion"] for r in rows[2:5]] == [r["completion"] for r in sampled if r["id"] == "sampled"]
     assert len({r["completion"] for r in rows[2:5]}) > 1  # sampled, not greedy
-    stopped = plain(max_new_tokens=12, stop=("e",))[3]
-    assert (rows[5]["completion"], rows[5]["finish_reason"]) == (stopped["completion"], stopped["finish_reason"])
-    assert "e" not in rows[5]["completion"]
+    # Its stop string cuts what the same row generates without one.
+    assert (rows[5]["completion"], rows[5]["finish_reason"]) == (text[: text.index(stop)], "stop")
 
 
 @pytest.mark.usefixtures("ray_instance")
