@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from bulkscore.jobs.errors import InputError
 from bulkscore.jobs.gather import Tally, tally_for, write_summary
 from bulkscore.jobs.storage import Location
-from bulkscore.workers.contract import REQUEST, REQUEST_TYPE
+from bulkscore.workers.contract import REQUEST, REQUEST_TYPE, RESULT_SCHEMA
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -357,20 +357,8 @@ def output_line(columns: dict, rows: range, request: dict | None, model: str, jo
 
 # Result.table of a batch output: a row per choice (and per failed sample or request), by custom_id.
 READ_BACK = pa.schema(
-    [
-        ("custom_id", pa.string()),
-        ("sample", pa.int32()),
-        ("completion", pa.string()),
-        ("finish_reason", pa.string()),
-        ("answer_text", pa.string()),
-        ("answer", pa.float64()),
-        ("is_correct", pa.bool_()),
-        ("loss", pa.float64()),
-        ("completion_loss", pa.float64()),
-        ("reference_loss", pa.float64()),
-        ("num_completion_tokens", pa.int32()),
-        ("error", pa.string()),
-    ]
+    [("custom_id", pa.string())]
+    + [RESULT_SCHEMA.field(name) for name in ("sample", "completion", "finish_reason", *EXTRA_COLUMNS[1:], "error")]
 )
 
 
