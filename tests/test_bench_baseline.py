@@ -1,4 +1,4 @@
-"""scripts/bench.py's `before` peer runs the baseline checkout's code, not the installed one's."""
+"""scripts/bench.py's `before` peer runs the baseline checkout's code, not the installed one's; the roofline script counts its FLOPs."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ def test_a_renamed_checkout_is_laid_out_as_its_own_package(tmp_path):
 def test_a_checkout_from_before_the_rename_runs_as_it_is(tmp_path):
     baseline = checkout(tmp_path / "before", "plain")
     assert baseline_on_path(baseline, tmp_path / "run") == (baseline, "jobs.cli")
+
+
+def test_the_roofline_script_counts_two_flops_per_weight_of_every_linear_layer(tiny_model):
+    """scripts/measure_roofline.py's model FLOPs per token, against the model's own linear weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scripts.measure_roofline import flops_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(Path(tiny_model)) == 2 * weights
