@@ -160,7 +160,7 @@ def test_a_requests_own_settings_win_over_the_commands(tiny_model, tmp_path):
     lines = [
         chat_line("short", user(QUESTION_TEXTS[0]), max_tokens=3),
         chat_line("default", user(QUESTION_TEXTS[1])),
-        chat_line("sampled", user(QUESTION_TEXTS[2]), temperature=0.9, seed=7, n=3, max_tokens=8),
+        chat_line("sampled", user(QUESTION_TEXTS[2]), temperature=1.5, seed=7, n=3, max_tokens=8),
         chat_line("stopped", user(QUESTION_TEXTS[3]), stop=[stop]),
     ]
     batch = bulkscore.run(str(write_jsonl(tmp_path / "batch.jsonl", lines)), max_new_tokens=12, quiet=True, **model)
@@ -176,7 +176,7 @@ def test_a_requests_own_settings_win_over_the_commands(tiny_model, tmp_path):
     assert rows[0]["completion"] == plain(max_new_tokens=3)[0]["completion"]
     assert rows[0]["num_completion_tokens"] <= 3
     assert rows[1]["completion"] == default[1]["completion"]
-    sampled = plain(max_new_tokens=8, temperature=0.9, seed=7, num_samples=3)
+    sampled = plain(max_new_tokens=8, temperature=1.5, seed=7, num_samples=3)
     assert [r["completion"] for r in rows[2:5]] == [r["completion"] for r in sampled if r["id"] == "sampled"]
     assert len({r["completion"] for r in rows[2:5]}) > 1  # sampled, not greedy
     # Its stop string cuts what the same row generates without one.

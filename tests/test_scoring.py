@@ -1001,7 +1001,7 @@ def test_each_requests_own_settings_give_it_the_same_numbers_beside_any_others(a
     chat = "/v1/chat/completions"
     requests = [
         {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[0]["question"]}]},
-        {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[1]["question"]}], "temperature": 0.7, "n": 3},
+        {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[1]["question"]}], "temperature": 1.4, "n": 3},
         {"url": "/v1/completions", "prompt": QUESTIONS[2]["question"], "temperature": 1.3, "top_p": 0.8, "seed": 5},
         {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[3]["question"]}], "max_tokens": 4},
         {"url": chat, "messages": [{"role": "user", "content": QUESTIONS[4]["question"]}], "stop": ["a", "e"]},
