@@ -37,7 +37,7 @@ from bulkscore.jobs.gather import (
     write_summary,
 )
 from bulkscore.jobs.openai_batch import write_batch_output
-from bulkscore.jobs.parts import MemoryStore, PartStore
+from bulkscore.jobs.parts import MemoryStore, PartStore, parts_folder
 from bulkscore.jobs.progress import announcer, progress_bar
 from bulkscore.jobs.schedule import Patience
 from bulkscore.jobs.settings import JobSpec, fingerprint
@@ -107,6 +107,8 @@ def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> d
     if finished is None:
         if is_folder(output) and (output.child(FOLDER_MANIFEST).exists() or not output.names()):
             return None  # an unfinished folder output (resumed, or refused, by its checkpoints), or empty
+        if is_batch_output(output) and parts_folder(output).child("manifest.json").exists():
+            return None  # a batch output written but its summary not (a crash between): its parts resume it
         raise JobError(f"{output} exists and is not a bulkscore output; pass --overwrite to replace it")
     summary = finished[1]
     if summary.get("fingerprint") != job_fingerprint:

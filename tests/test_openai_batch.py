@@ -258,6 +258,13 @@ def test_a_jsonl_output_is_a_batch_output_file_that_openais_types_parse(tiny_mod
     assert resumed.exit_code == 0 and "Resuming: 2 of 2 shards already done" in resumed.output, resumed.output
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["workers"] == 0  # nothing scored again
     assert strip_created(written) == strip_created((tmp_path / "out.jsonl").read_text())
+    # Written, its summary not (a crash between), its parts kept: the same command finishes it.
+    assert invoke(batch, "-o", tmp_path / "out.jsonl", *common, "--keep-parts", "--overwrite").exit_code == 0
+    (tmp_path / "out.jsonl.summary.json").unlink()
+    again = invoke(batch, "-o", tmp_path / "out.jsonl", *common)
+    assert again.exit_code == 0, again.output
+    assert strip_created(written) == strip_created((tmp_path / "out.jsonl").read_text())
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["workers"] == 0
     for command in ("report", "export"):  # they read Parquet outputs, and say so
         refused = CliRunner().invoke(cli, [command, str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "x")])
         assert refused.exit_code == 1
