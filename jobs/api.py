@@ -39,6 +39,7 @@ from bulkscore.workers.contract import (
     GradingSettings,
     ModelSpec,
     ScoringSettings,
+    sample_counts,
 )
 from bulkscore.workers.prompts import PROMPT_FORMATS
 
@@ -155,6 +156,8 @@ def run(
     check_run(locals())
     examples_path = Path(examples) if examples is not None else None
     location = locate(str(output)) if output is not None else None
+    if location is not None and is_batch_output(location) and task != "generate":
+        raise UsageError("--output", "an OpenAI Batch output (.jsonl) holds generated completions: --task generate")
     source, kind = resolve_model(model)
     check_remote_code(source, kind, trust_remote_code)
     sources = question_sources(inputs)
@@ -176,9 +179,10 @@ def run(
     questions = load_questions(paths, Columns(question_column, answer_column, id_column, task, split), limit)
     where = ", ".join(map(str, paths))
     extra = pa.table(task_columns(questions, task, where, choices_column, continuation_column))
-    if has_requests(questions):
+    requests = has_requests(questions)
+    if requests:
         check_requests(questions, task, temperature)
-    if prompt_asked and has_requests(questions):
+    if prompt_asked and requests:
         verb = "applies" if len(prompt_asked) == 1 else "apply"
         say(f"Warning: {' and '.join(prompt_asked)} {verb} to plain questions only; a request's prompt is its own")
     if named := other_models(questions, spec.model_name):
@@ -199,9 +203,8 @@ def check_requests(questions: pa.Table, task: str, temperature: float) -> None:
     """OpenAI Batch requests are generated; a request for samples needs a temperature."""
     if task != "generate":
         raise UsageError("--task", f"OpenAI Batch requests ask for completions: --task generate, not {task}")
-    requests = questions.column(REQUEST)
-    n = pc.fill_null(pc.struct_field(requests, "n"), 1)
-    heat = pc.fill_null(pc.struct_field(requests, "temperature"), float(temperature))
+    n = sample_counts(questions, 1)
+    heat = pc.fill_null(pc.struct_field(questions.column(REQUEST), "temperature"), float(temperature))
     greedy = pc.sum(pc.and_(pc.greater(n, 1), pc.equal(heat, 0))).as_py() or 0
     if greedy:
         ids = questions.column("id").filter(pc.and_(pc.greater(n, 1), pc.equal(heat, 0)))[:3].to_pylist()
@@ -295,9 +298,6 @@ def check_run(options: dict) -> None:
             raise UsageError(option(name), f"{options[name]!r} is not {what}")
     if options["output"] is not None and "://" not in str(options["output"]):
         check_local_output(Path(options["output"]))
-    if options["output"] is not None and str(options["output"]).lower().endswith(".jsonl"):
-        if options["task"] != "generate":
-            raise UsageError("--output", "an OpenAI Batch output (.jsonl) holds generated completions: --task generate")
     if options["min_new_tokens"] > options["max_new_tokens"]:
         raise UsageError(
             "--min-new-tokens", f"{options['min_new_tokens']} is more than --max-new-tokens {options['max_new_tokens']}"

@@ -37,7 +37,7 @@ from bulkscore.jobs.gather import (
     write_summary,
 )
 from bulkscore.jobs.openai_batch import write_batch_output
-from bulkscore.jobs.parts import MemoryStore, PartStore, parts_folder
+from bulkscore.jobs.parts import MemoryStore, PartStore
 from bulkscore.jobs.progress import announcer, progress_bar
 from bulkscore.jobs.schedule import Patience
 from bulkscore.jobs.settings import JobSpec, fingerprint
@@ -48,6 +48,7 @@ from bulkscore.workers.contract import (
     check_result,
     input_schema,
     result_schema,
+    sample_counts,
     shard_timings,
 )
 from bulkscore.workers.embedded import cache_root, embedded_gguf, is_prepared
@@ -91,13 +92,6 @@ def shard_task(
     return ShardTask(index=index, start=start, stop=stop, rows=pa.table(columns, schema=schema))
 
 
-def sample_counts(extra: pa.Table | None, num_rows: int, num_samples: int) -> pa.ChunkedArray:
-    """How many samples each input row has, as Arrow: a request's own n, else --num-samples."""
-    if extra is None or REQUEST not in extra.column_names:
-        return pa.chunked_array([pa.repeat(pa.scalar(num_samples, pa.int64()), num_rows)])
-    return pc.fill_null(pc.struct_field(extra.column(REQUEST), "n"), num_samples)
-
-
 def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> dict | None:
     """The summary of this very job if OUTPUT already holds it; refuse to clobber anything else."""
     output = spec.output
@@ -107,7 +101,7 @@ def check_output_free(spec: JobSpec, job_fingerprint: str, overwrite: bool) -> d
     if finished is None:
         if is_folder(output) and (output.child(FOLDER_MANIFEST).exists() or not output.names()):
             return None  # an unfinished folder output (resumed, or refused, by its checkpoints), or empty
-        if is_batch_output(output) and parts_folder(output).child("manifest.json").exists():
+        if is_batch_output(output) and PartStore(output).manifest.exists():
             return None  # a batch output written but its summary not (a crash between): its parts resume it
         raise JobError(f"{output} exists and is not a bulkscore output; pass --overwrite to replace it")
     summary = finished[1]
@@ -241,7 +235,7 @@ def score_on_ray(
         shards = {s.index: s for s in todo}
         pieces: dict[int, list[pa.Table]] = defaultdict(list)
         # (row, sample) pairs in all, and in each shard to do: a request's own n over --num-samples
-        counts = sample_counts(extra, questions.num_rows, samples)
+        counts = sample_counts(extra if extra is not None else questions.select([]), samples)
         total = pc.sum(counts).as_py()
         expected = {s.index: pc.sum(counts.slice(s.start, s.stop - s.start)).as_py() for s in todo}
         with progress_bar(total, total - sum(expected.values()), options.quiet) as bar:

@@ -140,11 +140,16 @@ def input_schema(task: str, requests: bool = False) -> pa.Schema:
     return pa.schema(list(INPUT_SCHEMA) + TASK_INPUTS[task] + ([(REQUEST, REQUEST_TYPE)] if requests else []))
 
 
-def row_samples(rows: pa.Table, num_samples: int) -> list[int]:
-    """How many samples each of a shard's rows has: its request's `n` where it gives one, else the job's."""
+def sample_counts(rows: pa.Table, num_samples: int) -> pa.ChunkedArray:
+    """How many samples each row has, as Arrow: its request's `n` where it gives one, else `num_samples`."""
     if REQUEST not in rows.column_names:
-        return [num_samples] * rows.num_rows
-    return pc.fill_null(pc.struct_field(rows.column(REQUEST), "n"), num_samples).to_pylist()
+        return pa.chunked_array([pa.repeat(pa.scalar(num_samples, pa.int64()), rows.num_rows)])
+    return pc.fill_null(pc.struct_field(rows.column(REQUEST), "n"), num_samples)
+
+
+def row_samples(rows: pa.Table, num_samples: int) -> list[int]:
+    """sample_counts of a shard's rows, as a list."""
+    return sample_counts(rows, num_samples).to_pylist()
 
 
 # What an actor returns for a shard: one row per (input row, sample), keyed by `row`.

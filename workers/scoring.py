@@ -135,12 +135,12 @@ def prepare_prompts(lm: LoadedModel, items: Sequence[Item], settings: ScoringSet
             item.error = f"unsupported request: {item.request['unsupported']}"
         elif item.question is None or not item.question.strip():
             item.error = "empty question"
-        elif item.request is None:
-            made[key] = made.get(key) or prompt_text(lm, item, settings)
         else:
             try:
                 made[key] = made.get(key) or prompt_text(lm, item, settings)
-            except Exception as error:  # a chat template that refuses these turns: this row's error
+            except Exception as error:  # a chat template that refuses a request's turns: its row's error
+                if item.request is None:
+                    raise
                 item.error = f"chat template failed: {describe(error)}"
         if item.error is None:
             texts[id(item)] = made[key]
