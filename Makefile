@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q -y
 
-.PHONY: run test bench bench-scale install browser clean
+.PHONY: run test bench bench-deps bench-scale measure-cpu install browser clean
 
 install: $(VENV)/.installed
 
@@ -47,10 +47,16 @@ has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=$(call has,avx2) -DGGML_FMA=$(call has,fma) \
 	-DGGML_F16C=$(call has,f16c) -DGGML_AVX512=$(call has,avx512f) -DGGML_AVX512_VNNI=$(call has,avx512_vnni) \
 	-DGGML_AVX512_BF16=$(call has,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-bench: install
+bench-deps: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet "llama-cpp-python>=0.3"
+
+bench: bench-deps
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Every figure the README keeps per CPU kind, in one run (~45-60 min; scripts/measure_cpu.sh).
+measure-cpu: bench-deps
+	bash scripts/measure_cpu.sh
 
 # bulkscore's own cost: a near-zero model, 10^4..10^6 rows, then 10^4 and 10^5 OpenAI Batch requests
 # in and Batch output lines out (scripts/bench_scale.py; docs/performance.md "At scale").
