@@ -131,9 +131,14 @@ def hub_hint(path: Location) -> str:
     )
 
 
+ITER_ROWS = 8192  # an IterableDataset's rows per Arrow batch
+
+
 def dataset_table(data: object) -> pa.Table | None:
-    """A datasets.Dataset's rows as a pyarrow Table, through its indices mapping; None for the
-    objects of datasets that iterate as rows (an IterableDataset). A DatasetDict is refused."""
+    """A datasets.Dataset's rows as a pyarrow Table, through its indices mapping, or an
+    IterableDataset's, read in Arrow batches (its rows as Python dicts would lose their types: an
+    int32 or float32 column would come back 64-bit); None for other objects of datasets. A
+    DatasetDict is refused."""
     import datasets  # already imported: `data` is one of its objects
 
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -145,6 +150,11 @@ def dataset_table(data: object) -> pa.Table | None:
         )
     if isinstance(data, datasets.Dataset):
         return data.with_format("arrow")[:]  # the rows the indices pick, in their order; a slice without indices
+    if isinstance(data, datasets.IterableDataset):
+        batches = list(data.with_format("arrow").iter(batch_size=ITER_ROWS))
+        if batches:  # without features each batch's types are inferred: unified across batches
+            return pa.concat_tables(batches, promote_options="default")
+        return data.features.arrow_schema.empty_table() if data.features else pa.table({})
     return None
 
 

@@ -155,6 +155,33 @@ def test_a_dataset_in_memory_is_read_through_its_indices():
     )
 
 
+def test_an_iterable_dataset_is_read_in_arrow_batches_with_its_types(monkeypatch):
+    """Its rows in order, and its columns' own types: through Python dicts an int32 column came back
+    int64 and a float32 one float64."""
+    import bulkscore.jobs.hfdatasets
+
+    features = datasets.Features(
+        {"id": datasets.Value("int32"), "question": datasets.Value("string"), "weight": datasets.Value("float32")}
+    )
+    rows = [{"id": i, "question": q["question"], "weight": i / 4} for i, q in enumerate(QUESTIONS * 3)]
+    monkeypatch.setattr(bulkscore.jobs.hfdatasets, "ITER_ROWS", 5)  # several batches
+    streamed = datasets.Dataset.from_list(rows, features=features).to_iterable_dataset()
+    (source,) = question_sources(streamed)
+    table = load_questions([source])
+    assert table.column("id").to_pylist() == [r["id"] for r in rows]
+    assert table.column("question").to_pylist() == [r["question"] for r in rows]
+    assert table.schema.field("weight").type == pa.float32() and table.column("weight").to_pylist() == [
+        r["weight"] for r in rows
+    ]
+    assert source.data.schema.field("id").type == pa.int32()
+
+    def generated():  # no features: each batch's types are inferred
+        yield from ({"question": r["question"], "answer": r["id"]} for r in rows)
+
+    (source,) = question_sources(datasets.IterableDataset.from_generator(generated))
+    assert load_questions([source]).column("question").to_pylist() == [r["question"] for r in rows]
+
+
 def test_the_driver_reads_a_saved_dataset_without_importing_datasets(tmp_path, dataset_dict):
     code = (
         "import sys; from bulkscore.jobs.questions import Columns, load_questions; "
