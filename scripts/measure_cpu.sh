@@ -13,6 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 PY=${PY:-.venv/bin/python}
+BULKSCORE=$(dirname "$PY")/bulkscore
 LOG=${1:-measure-cpu-$(date +%Y%m%d-%H%M).log}
 MODEL=$("$PY" -c "from bulkscore.workers.embedded import embedded_gguf, prepare_gguf; print(prepare_gguf(embedded_gguf()))")
 WORK=$(mktemp -d)
@@ -39,7 +40,7 @@ step() {
 	"$PY" scripts/bench.py --questions 25 --peers bulkscore,careful
 
 	step "roofline of the speed task's job"
-	.venv/bin/bulkscore run --limit 128 --prompt-format raw --max-new-tokens 32 -o "$WORK/speed.parquet" --quiet
+	"$BULKSCORE" run --limit 128 --prompt-format raw --max-new-tokens 32 -o "$WORK/speed.parquet" --quiet
 	"$PY" scripts/measure_roofline.py "$WORK/speed.summary.json" --raw
 
 	step "the load's row check (the decode heights its products run at), and the invariance tests"
