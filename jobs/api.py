@@ -128,8 +128,9 @@ def run(
     `inputs`: a path or a list of paths (JSONL, JSON, Parquet), a pyarrow Table, a pandas
     DataFrame, a `datasets.Dataset` or `IterableDataset` (or the folder a Dataset's `save_to_disk`
     wrote; a DatasetDict's: choose its `split`) or a list of dicts; None scores the bundled
-    unit-conversion set. `task`: generate (an answer per row, graded), or score given text as lm-evaluation-harness does: choice (a
-    `choices` column), loglikelihood (a `continuation` column), perplexity (a `text` column);
+    unit-conversion set. `task`: generate (an answer per row, graded), or score given text as
+    lm-evaluation-harness does: choice (a `choices` column), loglikelihood (a `continuation`
+    column), perplexity (a `text` column);
     `prompt_format` defaults to chat for generate, raw (lm-eval's) for the others. The keywords are
     `bulkscore run`'s options with underscores (see `bulkscore run --help`). With `output`, the
     Parquet file and its summary are written as the command writes them, and the same call again
