@@ -405,6 +405,10 @@ class Room:
     def describe(self) -> str:
         return "no figures from the cluster"
 
+    def fits_a_worker(self) -> bool | None:
+        """Whether the cluster has the resources one more worker asks for now; None when unknown."""
+        return None
+
     def start_failure(self, cause: str) -> str:
         """Why workers keep dying before they are ready, with what to change."""
         return f"workers keep dying before their model is loaded (last: {cause})"
@@ -429,6 +433,16 @@ class RayRoom(Room):
         if plan.gpus_per_worker or total.get("GPU"):
             has += f" and {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs"
         return f"{asks}; {has}"
+
+    def fits_a_worker(self) -> bool | None:
+        import ray
+
+        try:
+            free = ray.available_resources()
+        except Exception:  # as in describe: the figures are a courtesy
+            return None
+        plan = self.plan
+        return free.get("CPU", 0) >= plan.cpus_per_worker and free.get("GPU", 0) >= plan.gpus_per_worker
 
     def start_failure(self, cause: str) -> str:
         text = super().start_failure(cause)

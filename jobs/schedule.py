@@ -522,6 +522,16 @@ def run_shards(
         elif not long_waiting:
             said_waiting = None
 
+    def say_short_handed() -> None:
+        """At the end, workers still waiting for room that the cluster does not have are worth a line:
+        the job ran short-handed, however soon it ended after they were started."""
+        waiting = [w for w in starting if not w.placed]
+        if waiting and not room.fits_a_worker():
+            say(
+                f"Finished with {len(pool.workers)} of {workers} workers running; {len(waiting)} more "
+                f"never found room ({room.describe()})"
+            )
+
     try:
         for _ in range(workers):
             start()
@@ -529,6 +539,7 @@ def run_shards(
             fill()
             if not owner and not suspects and next_piece() is None:
                 count_the_dead()
+                say_short_handed()
                 break
             now = time.monotonic()
             if now - checked >= CHECK_EVERY_S:

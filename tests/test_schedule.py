@@ -314,6 +314,33 @@ def test_a_worker_the_cluster_has_no_room_for_holds_no_work():
     assert len(waiting) <= 3  # said when the figures change, not every check
 
 
+def test_a_job_that_ends_with_a_worker_still_waiting_for_room_says_so_at_the_end():
+    """Too short for the waiting line (3 s): the closing line tells that the job ran with two of three."""
+    errors, said, _ = simulate(Sim(room=2), 20)
+    assert set(errors.values()) == {"ok"}
+    assert not [s for s in said if "waiting for room" in s]
+    assert said[-1] == "Finished with 2 of 3 workers running; 1 more never found room (no figures from the cluster)"
+
+
+def test_a_job_with_room_for_every_worker_has_no_closing_line():
+    _, said, _ = simulate(Sim(room=3), 20)
+    assert not [s for s in said if "room" in s]
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_the_cluster_fits_a_worker_when_its_free_resources_cover_the_ask():
+    import ray
+
+    from bulkscore.jobs.cluster import PoolPlan, RayRoom
+
+    deadline = time.monotonic() + 30  # an earlier test's workers may still be letting their CPUs go
+    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert RayRoom(PoolPlan(1, 1.0, 0.0), None).fits_a_worker()
+    assert not RayRoom(PoolPlan(1, ray.cluster_resources()["CPU"] + 1, 0.0), None).fits_a_worker()
+    assert not RayRoom(PoolPlan(1, 1.0, 1.0), None).fits_a_worker()  # and no GPU
+
+
 def patch_say_after(seconds: float):
     import bulkscore.jobs.schedule as schedule
 
