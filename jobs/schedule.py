@@ -483,6 +483,10 @@ def run_shards(
         if progress != worker.calls:
             worker.calls, worker.heard = progress, time.monotonic()
 
+    def unplaced() -> list[Worker]:
+        """Started workers Ray has not found room for yet."""
+        return [w for w in starting if not w.placed]
+
     def check(now: float) -> None:
         """Probe busy workers, kill hung ones; stop if no worker at all can be placed."""
         nonlocal no_room_since, said_waiting
@@ -500,7 +504,7 @@ def run_shards(
             call(worker, "progress", worker.probe)
         for worker in [w for w in starting if w.placed and now - w.placed_at > patience.placement_s]:
             lose(worker, f"hung: its model did not load in {patience.placement_s:g} s")
-        waiting = [w for w in starting if not w.placed]
+        waiting = unplaced()
         if pool.workers or len(waiting) < len(starting):
             no_room_since = None
         elif no_room_since is None:
@@ -525,7 +529,7 @@ def run_shards(
     def say_short_handed() -> None:
         """At the end, workers still waiting for room that the cluster does not have are worth a line:
         the job ran short-handed, however soon it ended after they were started."""
-        waiting = [w for w in starting if not w.placed]
+        waiting = unplaced()
         if waiting and not room.fits_a_worker():
             say(
                 f"Finished with {len(pool.workers)} of {workers} workers running; {len(waiting)} more "
